@@ -1,0 +1,234 @@
+"""The Dynamic-LLaVA model: multimodal embedding, and the sparse forward used by prefill and decoding.
+
+One forward handles every inference mode (SPEC 2.2): the new tokens of a batch run through layers
+0..K-1 in full; at layer K (`sparse_layer`) the token policy picks the tokens that stay; those (plus
+each sample's last token, which produces the logits) are gathered, keeping their original RoPE
+positions, and run through layers K..L-1. The KV cache records only what stays. Prefill, decoding
+with the cache (one new token per step) and decoding without it (the whole sequence each step, on a
+fresh cache) are the same call with different inputs.
+
+Parameter names follow the original LLaVA-1.5 checkpoints (`model.layers.*`, `model.mm_projector.*`,
+`lm_head`) and the Dynamic-LLaVA reference (`model.image_score_predictor.*`,
+`model.output_text_score_predictor.*`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..constants import IMAGE_TOKEN_INDEX
+from ..errors import UserError
+from .batch import IMAGE, OUTPUT, PAD_POSITION, TEXT, TokenBatch
+from .cache import SparseKVCache
+from .config import DynamicLlavaConfig, SparseConfig
+from .decoder import DecoderLayer, RMSNorm, RotaryEmbedding
+from .policy import DensePolicy, DynamicLlavaPolicy, TokenPolicy
+from .predictors import ImageScorePredictor, TokenScorePredictor, init_predictor_weights
+from .projector import build_projector
+from .vision import CLIPVisionTower
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [B, V] next-token logits (or [B, T, V] for every new token if asked)
+    keep: torch.Tensor  # [B, T] the policy's decision for each new token (in input order)
+
+
+class DynamicLlavaModel(nn.Module):
+    """Everything under the `model.` prefix of a LLaVA checkpoint."""
+
+    def __init__(self, config: DynamicLlavaConfig) -> None:
+        super().__init__()
+        sparse = config.sparse
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        self.vision_tower: CLIPVisionTower | None = None  # attached by the loader; not part of the checkpoint
+        self.image_score_predictor = ImageScorePredictor(
+            config.hidden_size, sparse.d_model, sparse.nhead, sparse.dim_feedforward, sparse.num_layers)
+        self.output_text_score_predictor = TokenScorePredictor(config.hidden_size, sparse.d_model)
+        if sparse.use_instruct_predictor:
+            self.instruct_score_predictor = TokenScorePredictor(config.hidden_size, sparse.d_model)
+
+
+class DynamicLlavaForCausalLM(PreTrainedModel):
+    config_class = DynamicLlavaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+
+    def __init__(self, config: DynamicLlavaConfig) -> None:
+        super().__init__(config)
+        self.model = DynamicLlavaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # ----------------------------------------------------------------- configuration
+    @property
+    def sparse(self) -> SparseConfig:
+        return self.config.sparse
+
+    def set_sparse(self, sparse: bool | None = None, **overrides: object) -> None:
+        """Change the sparsification for later calls (`sparse=False`: dense LLaVA-1.5)."""
+        self.config.sparse_config = self.config.sparse.with_overrides(sparse=sparse, **overrides).to_dict()
+
+    def default_policy(self) -> TokenPolicy:
+        sparse = self.sparse
+        if not (sparse.sparsify_vision or sparse.sparsify_output_text):
+            return DensePolicy()
+        return DynamicLlavaPolicy(sparse, self.model.image_score_predictor, self.model.output_text_score_predictor)
+
+    def reinit_predictors(self) -> None:
+        for name in ("image_score_predictor", "output_text_score_predictor", "instruct_score_predictor"):
+            if hasattr(self.model, name):
+                init_predictor_weights(getattr(self.model, name))
+
+    @property
+    def sparse_layer(self) -> int:
+        return min(self.sparse.sparse_layer, self.config.num_hidden_layers)
+
+    # ----------------------------------------------------------------- embedding
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> projected image features [n, N, C]."""
+        if self.model.vision_tower is None:
+            raise UserError("this model has no vision tower attached; load it with load_pretrained_model")
+        features = self.model.vision_tower(pixel_values)
+        return self.model.mm_projector(features.to(self.lm_head.weight.dtype))
+
+    def embed(self, input_ids: Sequence[Sequence[int] | torch.Tensor],
+              images: Sequence[torch.Tensor | None] | None = None,
+              generated_counts: Sequence[int] | None = None) -> TokenBatch:
+        """Prompts (token ids with IMAGE_TOKEN_INDEX placeholders) and per-sample pixels -> TokenBatch.
+
+        images[i] is a [n_i, 3, H, W] tensor (or None) for the n_i placeholders of prompt i. The last
+        generated_counts[i] tokens of prompt i are earlier generated output (decoding without cache).
+        """
+        ids = [torch.as_tensor(x, dtype=torch.long).flatten() for x in input_ids]
+        images = list(images) if images is not None else [None] * len(ids)
+        if len(images) != len(ids):
+            raise UserError(f"got {len(images)} image entries for {len(ids)} prompts")
+        counts = [int((x == IMAGE_TOKEN_INDEX).sum()) for x in ids]
+        for i, (n, img) in enumerate(zip(counts, images)):
+            n_img = 0 if img is None else img.shape[0]
+            if n != n_img:
+                raise UserError(f"prompt {i} has {n} <image> placeholder(s) but {n_img} image(s) were given")
+        device = self.lm_head.weight.device
+        pixels = [img for img in images if img is not None and img.shape[0] > 0]
+        features = self.encode_images(torch.cat(pixels)) if pixels else None
+        pieces, kinds, image_ids = [], [], []
+        next_image = 0
+        for x in ids:
+            x = x.to(device)
+            segments, seg_kinds, seg_images = [], [], []
+            bounds = [-1] + (x == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [len(x)]
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                text = x[start + 1:stop]
+                segments.append(self.model.embed_tokens(text))
+                seg_kinds.append(torch.full((len(text),), TEXT, device=device))
+                seg_images.append(torch.full((len(text),), -1, device=device))
+                if stop < len(x):
+                    feats = features[next_image]
+                    segments.append(feats)
+                    seg_kinds.append(torch.full((len(feats),), IMAGE, device=device))
+                    seg_images.append(torch.full((len(feats),), next_image, device=device))
+                    next_image += 1
+            pieces.append(torch.cat(segments))
+            kinds.append(torch.cat(seg_kinds))
+            n_generated = generated_counts[len(kinds) - 1] if generated_counts else 0
+            if n_generated:
+                kinds[-1][-n_generated:] = OUTPUT
+            image_ids.append(torch.cat(seg_images))
+        return _right_pad(pieces, kinds, image_ids)
+
+    def embed_generated(self, token_ids: torch.Tensor, positions: torch.Tensor) -> TokenBatch:
+        """One generated token per sample ([B]) at its true positions ([B]) -> TokenBatch of length 1."""
+        b = token_ids.shape[0]
+        device = token_ids.device
+        return TokenBatch(
+            embeds=self.model.embed_tokens(token_ids[:, None]),
+            positions=positions[:, None],
+            lengths=torch.ones(b, dtype=torch.long, device=device),
+            kinds=torch.full((b, 1), OUTPUT, device=device),
+            image_ids=torch.full((b, 1), -1, device=device),
+        )
+
+    # ----------------------------------------------------------------- forward
+    def new_cache(self, batch_size: int, capacity: int = 0) -> SparseKVCache:
+        cfg = self.config
+        weight = self.lm_head.weight
+        return SparseKVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim,
+                             weight.dtype, weight.device, capacity)
+
+    def step(self, batch: TokenBatch, cache: SparseKVCache, policy: TokenPolicy | None = None,
+             all_logits: bool = False) -> StepOutput:
+        """Run the new tokens of `batch` through the model, updating `cache` (see module docstring).
+
+        Returns next-token logits per sample, or with `all_logits` logits for every new token in input
+        order (rows of tokens dropped at sparse_layer are NaN: they never reached the head).
+        """
+        policy = policy or self.default_policy()
+        k = self.sparse_layer
+        h = batch.embeds
+        cos, sin = self.model.rotary(batch.positions, h.dtype)
+        for layer, layer_cache in zip(self.model.layers[:k], cache.layers[:k]):
+            h = layer(h, cos, sin, batch.positions, batch.lengths, layer_cache)
+            layer_cache.commit(batch.lengths)
+        keep = policy.select(h, batch) & batch.valid if k < len(self.model.layers) else batch.valid
+        processed = keep | (batch.is_last & batch.valid)
+        # Processed tokens first, in their original order; kept ones precede a dropped last token.
+        order = torch.sort((~processed).to(torch.int8), dim=1, stable=True).indices
+        n_processed = processed.sum(1)
+        order = order[:, : int(n_processed.max())]
+        h = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
+        sub = batch.gather(order, n_processed, h)
+        n_kept = keep.sum(1)
+        cos, sin = self.model.rotary(sub.positions, h.dtype)
+        for layer, layer_cache in zip(self.model.layers[k:], cache.layers[k:]):
+            h = layer(h, cos, sin, sub.positions, n_processed, layer_cache)
+            layer_cache.commit(n_kept)
+        h = self.model.norm(h)
+        if all_logits:
+            logits = self.lm_head(h)
+            full = logits.new_full((*batch.positions.shape, logits.shape[-1]), float("nan"))
+            rows = torch.arange(order.shape[1], device=order.device)[None, :] < n_processed[:, None]
+            sample_idx = torch.arange(order.shape[0], device=order.device)[:, None].expand_as(order)
+            full[sample_idx[rows], order[rows]] = logits[rows]
+            return StepOutput(full, keep)
+        last = h[torch.arange(h.shape[0], device=h.device), n_processed - 1]
+        return StepOutput(self.lm_head(last), keep)
+
+    def forward_full(self, input_ids: Sequence[Sequence[int] | torch.Tensor],
+                     images: Sequence[torch.Tensor | None] | None = None,
+                     policy: TokenPolicy | None = None) -> StepOutput:
+        """Logits for every token of each prompt (one pass, no cache kept): for parity checks."""
+        batch = self.embed(input_ids, images)
+        return self.step(batch, self.new_cache(batch.embeds.shape[0]), policy, all_logits=True)
+
+
+def _right_pad(embeds: list[torch.Tensor], kinds: list[torch.Tensor], image_ids: list[torch.Tensor]) -> TokenBatch:
+    lengths = torch.tensor([len(e) for e in embeds], device=embeds[0].device)
+    t = int(lengths.max())
+    pad = lambda xs, value: torch.stack([torch.cat([x, x.new_full((t - len(x), *x.shape[1:]), value)]) for x in xs])
+    valid = torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]
+    positions = torch.where(valid, torch.arange(t, device=lengths.device)[None, :], PAD_POSITION)
+    return TokenBatch(pad(embeds, 0.0), positions, lengths, pad(kinds, TEXT), pad(image_ids, -1))
