@@ -41,20 +41,25 @@ def _sentence(rng: random.Random) -> str:
     n, c, a, s = rng.choice(_NOUNS), rng.choice(_COLOURS), rng.choice(_ADJECTIVES), rng.choice(_SHAPES)
     kind = rng.randrange(8)
     if kind == 0:
-        return f"{_SYSTEM} USER: <image>\n{rng.choice(_QUESTIONS).format(n=n, c=c, a=a)} ASSISTANT:"
+        question = rng.choice(_QUESTIONS).format(n=n, c=c, a=a)
+        return f"{_SYSTEM} USER: <image>\n{question} ASSISTANT:"
     if kind == 1:
-        return f"###Human: {rng.choice(_QUESTIONS).format(n=n, c=c, a=a)}###Assistant: The {n} is {c}."
+        question = rng.choice(_QUESTIONS).format(n=n, c=c, a=a)
+        return f"###Human: {question}###Assistant: The {n} is {c}."
     if kind == 2:
         return f"The {a} {c} {n} {rng.choice(_VERBS)} a {s} {rng.choice(_PLACES)}."
     if kind == 3:
-        return f"There are {rng.randrange(1000)} {n}s and {rng.randrange(100)} {c} {s}s{rng.choice(_PUNCT)}"
+        count, other = rng.randrange(1000), rng.randrange(100)
+        return f"There are {count} {n}s and {other} {c} {s}s{rng.choice(_PUNCT)}"
     if kind == 4:
-        return f"{rng.choice(_QUESTIONS).format(n=n, c=c, a=a)} {rng.choice(['Yes', 'No'])}, it {rng.choice(_VERBS)} {c}."
+        question, answer = rng.choice(_QUESTIONS).format(n=n, c=c, a=a), rng.choice(["Yes", "No"])
+        return f"{question} {answer}, it {rng.choice(_VERBS)} {c}."
     if kind == 5:
         words = rng.choices(_FUNCTION_WORDS + _NOUNS + _COLOURS + _SHAPES, k=rng.randint(4, 14))
         return " ".join(words).capitalize() + rng.choice(_PUNCT)
     if kind == 6:
-        return f"[{rng.random():.3f}, {rng.random():.3f}, {rng.random():.3f}, {rng.random():.3f}] ({n}: {rng.randint(-50, 50)}%)"
+        box = ", ".join(f"{rng.random():.3f}" for _ in range(4))
+        return f"[{box}] ({n}: {rng.randint(-50, 50)}%)"
     return f"USER: {n.title()} {rng.choice(_PUNCT)} ASSISTANT: {a} {s}, {c}{rng.choice(_PUNCT)}</s>"
 
 
