@@ -64,7 +64,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                n_new: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
+                n_new: torch.Tensor, cache: LayerKVCache, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -73,6 +73,8 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         keys, values, key_positions, key_valid = cache.write(k, v, positions, n_new)
         mask = attention_mask(positions, key_positions, key_valid)
+        if key_mask is not None:
+            mask = mask & key_mask
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             keys = keys.repeat_interleave(repeat, dim=1)
@@ -102,7 +104,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                n_new: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
-        """x [B, T, C] right-padded (n_new [B] real tokens), positions [B, T] true RoPE positions."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, n_new, cache)
+                n_new: torch.Tensor, cache: LayerKVCache, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] right-padded (n_new [B] real tokens), positions [B, T] true RoPE positions.
+
+        key_mask [B, 1, T, S], if given, further restricts which keys each query sees.
+        """
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, n_new, cache, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -224,6 +224,29 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         batch = self.embed(input_ids, images)
         return self.step(batch, self.new_cache(batch.embeds.shape[0]), policy, all_logits=True)
 
+    def forward_masked(self, input_ids: Sequence[Sequence[int] | torch.Tensor],
+                       images: Sequence[torch.Tensor | None] | None = None,
+                       policy: TokenPolicy | None = None) -> StepOutput:
+        """Like `forward_full` but nothing is removed: from sparse_layer on, dropped tokens are hidden
+        as keys (each token still sees itself) — the training-time view of the same decisions."""
+        policy = policy or self.default_policy()
+        batch = self.embed(input_ids, images)
+        cache = self.new_cache(batch.embeds.shape[0])
+        k = self.sparse_layer
+        h = batch.embeds
+        cos, sin = self.model.rotary(batch.positions, h.dtype)
+        keep = batch.valid
+        for index, (layer, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
+            key_mask = None
+            if index >= k:
+                if index == k:
+                    keep = policy.select(h, batch) & batch.valid
+                eye = torch.eye(h.shape[1], dtype=torch.bool, device=h.device)
+                key_mask = (keep[:, None, :] | eye)[:, None]
+            h = layer(h, cos, sin, batch.positions, batch.lengths, layer_cache, key_mask)
+            layer_cache.commit(batch.lengths)
+        return StepOutput(self.lm_head(self.model.norm(h)), keep)
+
 
 def _right_pad(embeds: list[torch.Tensor], kinds: list[torch.Tensor], image_ids: list[torch.Tensor]) -> TokenBatch:
     lengths = torch.tensor([len(e) for e in embeds], device=embeds[0].device)

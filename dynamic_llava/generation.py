@@ -1,0 +1,237 @@
+"""The one generation loop: batched prefill and decoding (with or without KV cache), sampling, stop
+strings, streaming, and per-sample efficiency stats. CLI, evaluation and servers all call this.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import UserError
+from .model.batch import IMAGE, OUTPUT, TokenBatch
+from .model.llava import DynamicLlavaForCausalLM
+from .model.policy import TokenPolicy
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float | None = None
+    stop_strings: Sequence[str] = ()
+    eos_token_id: int | None = None  # default: the tokenizer's
+    use_cache: bool = True  # False: recompute the whole sequence each step (SPEC 2.2, third column)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "eos" | "stop" | "length"
+    prompt_tokens: int = 0  # after image expansion
+    image_tokens: int = 0
+    image_tokens_kept: int = 0
+    image_keep: list[list[bool]] = field(default_factory=list)  # per image, per patch (row-major)
+    output_tokens: int = 0
+    output_tokens_kept: int = 0  # generated tokens whose K/V entered the cache of layers >= sparse_layer
+    output_keep: list[bool] = field(default_factory=list)  # that decision, per generated token fed back
+    kv_cache_bytes: int = 0
+    kv_cache_bytes_dense: int = 0  # what dense LLaVA-1.5 would hold for the same tokens
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def as_prompt_list(input_ids: Sequence[Sequence[int]] | torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Prompts as a list of 1-D id tensors; a padded [B, T] tensor is unpadded with its attention mask."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        if attention_mask is None:
+            return list(input_ids)
+        return [row[mask.bool()] for row, mask in zip(input_ids, attention_mask)]
+    return [torch.as_tensor(x, dtype=torch.long).flatten() for x in input_ids]
+
+
+def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    logits = logits.float()
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / config.temperature, dim=-1)
+    if config.top_p is not None and config.top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # drop tokens once the mass before them reaches top_p (the top token always stays)
+        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= config.top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _append_token(batch: TokenBatch, embeds: torch.Tensor, positions: torch.Tensor) -> TokenBatch:
+    """The batch with one more generated token per sample ([B, 1, C] at positions [B])."""
+    b, t, c = batch.embeds.shape
+    slot = batch.lengths[:, None]
+    grow = lambda x, fill: torch.cat([x, x.new_full((b, 1, *x.shape[2:]), fill)], dim=1)
+    new_embeds = grow(batch.embeds, 0.0).scatter(1, slot[..., None].expand(-1, -1, c), embeds)
+    return TokenBatch(
+        embeds=new_embeds,
+        positions=grow(batch.positions, 0).scatter(1, slot, positions[:, None]),
+        lengths=batch.lengths + 1,
+        kinds=grow(batch.kinds, 0).scatter(1, slot, OUTPUT),
+        image_ids=grow(batch.image_ids, -1),
+    )
+
+
+class _StopTracker:
+    """Decodes one sample's output, finds EOS and stop strings, and releases text safe to stream."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], eos_token_id: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.eos_token_id = eos_token_id
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token_id: int) -> None:
+        if token_id == self.eos_token_id:
+            self.finish_reason = "eos"
+            return
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((self.text.find(s) for s in self.stop_strings if s in self.text), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+
+    def release(self) -> str:
+        """New text since the last release, holding back a possible stop-string prefix or partial character."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            end = len(self.text.rstrip("\ufffd"))
+            for stop in self.stop_strings:
+                for n in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text[:end].endswith(stop[:n]):
+                        end -= n
+                        break
+        delta = self.text[self.emitted:max(end, self.emitted)]
+        self.emitted = max(end, self.emitted)
+        return delta
+
+
+def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
+                    images: Sequence[torch.Tensor | None] | None = None, config: GenerationConfig | None = None,
+                    policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None,
+                    ) -> Iterator[list[str]]:
+    """Yields, after each decoding step, the new text of every sample ('' when nothing new).
+
+    The generator's return value (StopIteration.value) is the list of GenerationResult.
+    """
+    config = config or GenerationConfig()
+    config.validate()
+    policy = policy or model.default_policy()
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    generator = torch.Generator(device=model.device).manual_seed(config.seed) if config.seed is not None else None
+    prompts = as_prompt_list(input_ids, attention_mask)
+    b = len(prompts)
+    trackers = [_StopTracker(tokenizer, config.stop_strings, eos) for _ in range(b)]
+    results = [GenerationResult() for _ in range(b)]
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        batch = model.embed(prompts, images)
+        context = model.config.max_position_embeddings
+        for i, n in enumerate(batch.lengths.tolist()):
+            if n + config.max_new_tokens > context:
+                raise UserError(f"prompt {i} is {n} tokens (images expanded); with max_new_tokens "
+                                f"{config.max_new_tokens} it exceeds the context length {context}")
+        prompt_batch = batch
+        cache = model.new_cache(b, capacity=int(batch.lengths.max()) + config.max_new_tokens)
+        out = model.step(batch, cache, policy)
+        prefill_seconds = time.perf_counter() - start
+        _record_prefill(results, batch, out.keep, prefill_seconds)
+
+        positions = batch.lengths.clone()
+        finished = torch.zeros(b, dtype=torch.bool)
+        decode_start = time.perf_counter()
+        for step_index in range(config.max_new_tokens):
+            tokens = _sample(out.logits, config, generator)
+            for i, token in enumerate(tokens.tolist()):
+                if finished[i]:
+                    continue
+                trackers[i].add(token)
+                results[i].output_tokens += 1
+                if trackers[i].finish_reason is not None or step_index == config.max_new_tokens - 1:
+                    finished[i] = True
+                    _record_cache(results[i], cache, i, model.config.num_hidden_layers)
+            yield [t.release() for t in trackers]
+            if bool(finished.all()):
+                break
+            embeds = model.model.embed_tokens(tokens[:, None])
+            if config.use_cache:
+                out = model.step(model.embed_generated(tokens, positions), cache, policy)
+                decisions = out.keep[:, 0]
+            else:
+                batch = _append_token(batch, embeds, positions)
+                cache = model.new_cache(b)
+                out = model.step(batch, cache, policy)
+                decisions = out.keep.gather(1, positions[:, None])[:, 0]
+            positions = positions + 1
+            for i in (~finished).nonzero().flatten().tolist():
+                results[i].output_keep.append(bool(decisions[i]))
+        decode_seconds = time.perf_counter() - decode_start
+
+    for i, (result, tracker) in enumerate(zip(results, trackers)):
+        result.text = tracker.text
+        result.token_ids = list(tracker.ids)
+        result.finish_reason = tracker.finish_reason or "length"
+        result.decode_seconds = decode_seconds
+        if not config.use_cache:
+            # Without a cache the recomputed sequence re-decides every earlier output token (same
+            # predictor, same inputs): report the final step's view, which covers all fed tokens.
+            n_fed = len(result.output_keep)
+            start_slot = int(prompt_batch.lengths[i])
+            result.output_keep = out.keep[i, start_slot:start_slot + n_fed].tolist() if n_fed else []
+        result.output_tokens_kept = sum(result.output_keep)
+    return results
+
+
+def generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
+             images: Sequence[torch.Tensor | None] | None = None, config: GenerationConfig | None = None,
+             policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None) -> list[GenerationResult]:
+    """Generate for a batch of prompts; each sample's output equals what it gives alone (greedy)."""
+    stream = stream_generate(model, tokenizer, input_ids, images, config, policy, attention_mask)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            return done.value
+
+
+def _record_prefill(results: list[GenerationResult], batch: TokenBatch, keep: torch.Tensor, seconds: float) -> None:
+    for i, result in enumerate(results):
+        n = int(batch.lengths[i])
+        is_image = batch.kinds[i, :n] == IMAGE
+        result.prompt_tokens = n
+        result.image_tokens = int(is_image.sum())
+        result.image_tokens_kept = int((keep[i, :n] & is_image).sum())
+        ids = batch.image_ids[i, :n]
+        result.image_keep = [keep[i, :n][ids == img].tolist() for img in ids[is_image].unique().tolist()]
+        result.prefill_seconds = seconds
+
+
+def _record_cache(result: GenerationResult, cache, sample: int, num_layers: int) -> None:
+    per_entry = cache.bytes_per_entry()
+    result.kv_cache_bytes = int(cache.lengths()[:, sample].sum()) * per_entry
+    # dense holds every prompt token and every generated token fed back, in every layer
+    result.kv_cache_bytes_dense = num_layers * (result.prompt_tokens + result.output_tokens - 1) * per_entry
