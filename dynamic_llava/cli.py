@@ -1,0 +1,80 @@
+"""`dynamic-llava <command>`: ask, make-tiny, convert, bench. Bad input: one message, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import UserError
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from .tiny.checkpoint import make_tiny_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty")
+    path = make_tiny_checkpoint(out, fmt=args.format, predictors=not args.no_predictors, seed=args.seed)
+    print(f"tiny {args.format} checkpoint written to {path}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .model.loading import convert_checkpoint
+
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"{dst} exists and is not empty")
+    convert_checkpoint(args.src, dst, to=args.to)
+    print(f"converted {args.src} -> {dst} ({args.to} layout)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import ask
+    from .bench import prefill
+
+    parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("ask", help="answer a question about image(s), with sparsification stats")
+    ask.add_arguments(p)
+    p.set_defaults(handler=ask.run)
+
+    p = commands.add_parser("make-tiny", help="write a small random checkpoint in a real on-disk layout")
+    p.add_argument("out")
+    p.add_argument("--format", choices=["llava", "hf"], default="llava")
+    p.add_argument("--no-predictors", action="store_true", help="plain LLaVA-1.5 (no predictor weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_make_tiny)
+
+    p = commands.add_parser("convert", help="convert a checkpoint between the LLaVA and llava-hf layouts")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["hf", "llava"], required=True)
+    p.set_defaults(handler=_convert)
+
+    bench = commands.add_parser("bench", help="efficiency benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("prefill", help="prefill / decode latency and KV bytes: ours dense, sparse, transformers")
+    prefill.add_arguments(p)
+    p.set_defaults(handler=prefill.run)
+    return parser
+
+
+def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return handler(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

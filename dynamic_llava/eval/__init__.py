@@ -1,0 +1,1 @@
+"""Evaluation entry points (LLaVA module names)."""
