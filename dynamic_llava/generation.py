@@ -156,7 +156,7 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
                 raise UserError(f"prompt {i} is {n} tokens (images expanded); with max_new_tokens "
                                 f"{config.max_new_tokens} it exceeds the context length {context}")
         prompt_batch = batch
-        cache = model.new_cache(b, capacity=int(batch.lengths.max()) + config.max_new_tokens)
+        cache = model.new_cache(b)
         out = model.step(batch, cache, policy)
         prefill_seconds = time.perf_counter() - start
         _record_prefill(results, batch, out.keep, prefill_seconds)

@@ -15,11 +15,11 @@ import torch
 class LayerKVCache:
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, capacity: int = 0) -> None:
-        self.k = torch.empty(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        # zeros, not empty: masked-out slots still meet a 0 weight in attention, and 0 * NaN = NaN
+        self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
         self.positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._pending = torch.zeros_like(self.lengths)
 
     @property
     def capacity(self) -> int:
@@ -28,11 +28,12 @@ class LayerKVCache:
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        new_capacity = max(needed, self.capacity + self.capacity // 2, 16)
+        # modest growth so that layers holding few (kept) tokens also hold little memory
+        new_capacity = max(needed, self.capacity + max(self.capacity // 4, 64))
         grow = new_capacity - self.capacity
         b, h, _, d = self.k.shape
-        self.k = torch.cat([self.k, self.k.new_empty(b, h, grow, d)], dim=2)
-        self.v = torch.cat([self.v, self.v.new_empty(b, h, grow, d)], dim=2)
+        self.k = torch.cat([self.k, self.k.new_zeros(b, h, grow, d)], dim=2)
+        self.v = torch.cat([self.v, self.v.new_zeros(b, h, grow, d)], dim=2)
         self.positions = torch.cat([self.positions, self.positions.new_zeros(b, grow)], dim=1)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor
@@ -49,7 +50,6 @@ class LayerKVCache:
         self.k.scatter_(2, index, k)
         self.v.scatter_(2, index, v)
         self.positions.scatter_(1, slots, positions)
-        self._pending = n_new
         valid = torch.arange(end, device=k.device)[None, :] < (self.lengths + n_new)[:, None]
         return self.k[:, :, :end], self.v[:, :, :end], self.positions[:, :end], valid
 

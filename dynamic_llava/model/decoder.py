@@ -51,6 +51,20 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, k
     return (key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None]))[:, None]
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention with grouped K/V heads shared by several query heads."""
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if _SDPA_HAS_GQA:  # avoids copying the whole cache once per layer and step
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    repeat = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                          attn_mask=mask)
+
+
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 class Attention(nn.Module):
     def __init__(self, config: DynamicLlavaConfig) -> None:
         super().__init__()
@@ -75,11 +89,7 @@ class Attention(nn.Module):
         mask = attention_mask(positions, key_positions, key_valid)
         if key_mask is not None:
             mask = mask & key_mask
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            keys = keys.repeat_interleave(repeat, dim=1)
-            values = values.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = _sdpa(q, keys, values, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
