@@ -1,0 +1,191 @@
+"""Load a LLaVA-1.5 / llava-hf / Dynamic-LLaVA checkpoint as a ready model, and save one (LLaVA layout).
+
+`load_pretrained_model` is LLaVA's `builder.load_pretrained_model` for this package: offline, any
+device, the layout recognised from the files (see `convert` for the layouts themselves).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPVisionModel, PreTrainedTokenizerBase
+
+from ..errors import UserError
+from .config import DynamicLlavaConfig
+from .convert import (
+    HF, LLAVA, CheckpointParts, CLIPImageProcessor, StateDict, build_clip, check_keys, convert_checkpoint, empty_init,
+    is_predictor_key, iter_shards, llava_names, load_clip, load_image_processor, open_tokenizer,
+    read_checkpoint_config, read_state_file, resolve_local, resolve_vision_tower, write_llava_checkpoint,
+)
+from .llava import DynamicLlavaForCausalLM
+from .vision import CLIPVisionTower
+
+__all__ = ["convert_checkpoint", "load_pretrained_model", "save_pretrained_llava"]
+
+# ----------------------------------------------------------------------------- dtype, tokenizer, processor
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, saved: str | None) -> torch.dtype:
+    """None: float32 on CPU; on CUDA float16, or bfloat16 for bf16 checkpoints on GPUs that support it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if str(dtype) not in _DTYPES:
+            raise UserError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+        return _DTYPES[str(dtype)]
+    if device.type == "cuda":
+        bf16 = str(saved).removeprefix("torch.") == "bfloat16" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def load_tokenizer(path: Path, config: DynamicLlavaConfig) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer set up for LLaVA: padding side from the config, pad = unk when unset."""
+    tokenizer = open_tokenizer(path)
+    tokenizer.padding_side = config.tokenizer_padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- loading
+class _WeightLoader:
+    """Copies named tensors into a model's parameters, remembering what arrived."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = model.state_dict()
+        self.found: dict[str, torch.Size] = {}
+
+    @torch.no_grad()
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name, tensor in state.items():
+            self.found[name] = tensor.shape
+            target = self.params.get(name)
+            if target is not None and target.shape == tensor.shape:
+                target.copy_(tensor)
+
+
+def _attach_tower(model: DynamicLlavaForCausalLM, clip: CLIPVisionModel) -> None:
+    cfg = model.config
+    model.model.vision_tower = CLIPVisionTower(clip, cfg.mm_vision_select_layer, cfg.mm_vision_select_feature)
+
+
+def _lora_trainables(path: Path) -> StateDict:
+    """`non_lora_trainables.bin` with LLaVA's PEFT prefixes removed."""
+    file = path / "non_lora_trainables.bin"
+    if not file.is_file():
+        return {}
+    state = {k.removeprefix("base_model."): v for k, v in read_state_file(file).items()}
+    if any(k.startswith("model.model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return state
+
+
+def _merge_lora(model: DynamicLlavaForCausalLM, path: Path) -> DynamicLlavaForCausalLM:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise UserError(f"{path} is a LoRA checkpoint; merging it needs PEFT: pip install peft") from None
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
+def load_pretrained_model(
+    model_path: str | Path,
+    model_base: str | Path | None = None,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    sparse: bool | None = None,
+    *,
+    vision_tower: str | Path | None = None,
+    **sparse_overrides: Any,
+) -> tuple[PreTrainedTokenizerBase, DynamicLlavaForCausalLM, CLIPImageProcessor, int]:
+    """Load a checkpoint like LLaVA's `builder.load_pretrained_model`: (tokenizer, model, image processor,
+    context length). The layout is recognised from the files (`model_name` is accepted for LLaVA call
+    compatibility only): LLaVA / Dynamic-LLaVA / llava-hf folders; with `model_base`, a LoRA folder
+    (`adapter_config.json`) or a projector-only folder (`mm_projector.bin`) over a base LLM.
+
+    `sparse=False` makes the model dense; other `sparse_overrides` (e.g. `vision_keep_rate=0.3`) replace
+    `sparse_config` entries. `vision_tower` replaces `mm_vision_tower` (a path or a cached Hub id).
+    """
+    del model_name
+    device = torch.device(device)
+    path = resolve_local(model_path, "checkpoint")
+    base = resolve_local(model_base, "base model") if model_base is not None else None
+    layout, config, vision_config, raw = read_checkpoint_config(path)
+    torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
+    is_lora = (path / "adapter_config.json").is_file()
+    if is_lora and base is None:
+        raise UserError(f"{path} is a LoRA checkpoint (adapter_config.json); pass its base LLM as model_base")
+    if base is not None and not is_lora and not (path / "mm_projector.bin").is_file():
+        raise UserError(f"model_base was given but {path} has neither adapter_config.json (LoRA) "
+                        "nor mm_projector.bin (projector only)")
+    if layout == HF and base is not None:
+        raise UserError(f"{path} is a llava-hf checkpoint; model_base applies to LLaVA-layout folders only")
+    if vision_tower is not None:
+        config.mm_vision_tower = str(resolve_vision_tower(str(vision_tower)))
+    config._name_or_path = str(path)
+
+    with empty_init(device, torch_dtype):
+        model = DynamicLlavaForCausalLM(config)
+    loader = _WeightLoader(model)
+    tower_state: StateDict = {}
+    for shard in iter_shards(base or path):
+        llm, tower = llava_names(shard, LLAVA if base else layout)
+        loader.load(llm)
+        tower_state.update(tower)
+    if base is not None:
+        extra = _lora_trainables(path) if is_lora else read_state_file(path / "mm_projector.bin")
+        loader.load(extra)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if not check_keys(expected, loader.found, path if base is None else base):
+        model.reinit_predictors()
+        warnings.warn(f"{path} has no Dynamic-LLaVA predictor weights: they are freshly initialised "
+                      "(the starting point for sparsification training; use sparse=False for dense LLaVA-1.5)",
+                      stacklevel=2)
+    if is_lora:
+        model = _merge_lora(model, path)
+
+    if layout == HF and vision_tower is None:
+        _attach_tower(model, build_clip(vision_config, tower_state, path, device, torch_dtype))
+        image_processor = load_image_processor(path)
+    else:
+        tower_path = resolve_vision_tower(config.mm_vision_tower, path)
+        _attach_tower(model, load_clip(tower_path, device, torch_dtype))
+        image_processor = load_image_processor(tower_path)
+    tokenizer = load_tokenizer(base or path, config)
+    if sparse is not None or sparse_overrides:
+        model.set_sparse(sparse=sparse, **sparse_overrides)
+    model.eval()
+    context_len = getattr(config, "max_sequence_length", None) or config.max_position_embeddings or 2048
+    return tokenizer, model, image_processor, int(context_len)
+
+
+def save_pretrained_llava(model: DynamicLlavaForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+                          max_shard_size: int | str = "5GB", *, predictors: bool = True,
+                          image_processor: CLIPImageProcessor | None = None) -> Path:
+    """Save in the original LLaVA-1.5 layout: config.json, safetensors weights without the vision tower
+    (sharded with an index above `max_shard_size`), tokenizer files.
+
+    `predictors=False` leaves out the predictor weights and `sparse_config` (a plain LLaVA-1.5 checkpoint).
+    A tower living inside the checkpoint (a relative `mm_vision_tower` that is not a cached Hub id, e.g.
+    `vision_tower` after loading a llava-hf checkpoint) is written there too, with `image_processor`
+    (CLIP's settings at the tower's image size if None). Files are staged next to `out_dir` first.
+    """
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+    if not predictors:
+        state = {k: v for k, v in state.items() if not is_predictor_key(k)}
+    parts = CheckpointParts(model.config, state, tokenizer, None, {}, image_processor, has_sparse_config=predictors)
+    if model.model.vision_tower is not None:
+        clip = model.model.vision_tower.vision_tower
+        size = clip.config.image_size
+        parts.tower_config, parts.tower_state = clip.config, clip.state_dict()
+        parts.image_processor = image_processor or CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return write_llava_checkpoint(parts, out_dir, max_shard_size)
