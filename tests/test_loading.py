@@ -23,6 +23,7 @@ from dynamic_llava.model.convert import convert_checkpoint
 from dynamic_llava.model.llava import DynamicLlavaForCausalLM
 from dynamic_llava.model.loading import load_pretrained_model, save_pretrained_llava
 from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
+from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
 
 PROMPT = "A chat between a curious user and an artificial intelligence assistant. USER: "
 QUESTION = "\nWhat color is the cat? ASSISTANT:"
@@ -74,6 +75,18 @@ def test_each_layout_loads(fixture: str, request: pytest.FixtureRequest) -> None
     with torch.no_grad():
         logits = model.forward_full([_image_prompt(tokenizer)], images=[_pixels(processor)]).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits[0, -1]).all()
+
+
+def test_sentencepiece_only_tokenizer_loads_the_same(tiny_llava_dir: Path, tmp_path: Path) -> None:
+    """Released LLaVA-1.5 folders hold only tokenizer.model + tokenizer_config.json (no tokenizer.json)."""
+    ckpt = _copy(tiny_llava_dir, tmp_path / "sp", "tokenizer*")
+    train_tiny_tokenizer(ckpt)
+    assert not (ckpt / "tokenizer.json").exists()
+    sp_tokenizer, _, _, _ = _load(ckpt)
+    tokenizer, _, _, _ = _load(tiny_llava_dir)
+    for text in (PROMPT + QUESTION, "Zürich 12.5 km, ok?\n ###Human: </s>"):
+        assert sp_tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert sp_tokenizer.decode(sp_tokenizer(QUESTION).input_ids, skip_special_tokens=True) == QUESTION
 
 
 def _reference_predictor_names() -> set[str]:
@@ -205,6 +218,8 @@ def test_sharded_bin_checkpoint_loads_the_same_weights(tiny_llava_dir: Path, tmp
         weight_map |= {k: file for k in shard}
     index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
     (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    # older LLaVA releases say `model_type: llava` (not `llava_llama`)
+    (ckpt / "config.json").write_text(json.dumps(_config(ckpt) | {"model_type": "llava"}))
     _, from_bin, _, _ = _load(ckpt)
     _, from_safetensors, _, _ = _load(tiny_llava_dir)
     _assert_same_state(_state(from_bin), _state(from_safetensors))

@@ -176,9 +176,12 @@ def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path.parent} is not a checkpoint folder: {path.name} is missing")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"malformed {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"malformed {path}: expected a JSON object")
+    return data
 
 
 def checkpoint_layout(raw: Mapping[str, Any], path: Path) -> str:
@@ -287,7 +290,8 @@ def open_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 def load_image_processor(path: Path) -> CLIPImageProcessor:
-    if not (path / "preprocessor_config.json").is_file():
+    """CLIP preprocessing settings from `preprocessor_config.json` (or a processor's `processor_config.json`)."""
+    if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
         raise UserError(f"no preprocessor_config.json in {path} (the CLIP image processor settings)")
     return CLIPImageProcessor.from_pretrained(path, local_files_only=True)
 

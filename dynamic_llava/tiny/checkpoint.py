@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from torch import nn
 from transformers import AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from ..errors import UserError
 from ..model.config import DynamicLlavaConfig, SparseConfig
 from ..model.convert import convert_checkpoint
 from ..model.llava import DynamicLlavaForCausalLM
@@ -63,8 +65,8 @@ def make_tiny_checkpoint(out_dir: str | Path, fmt: str = "llava", predictors: bo
             source = make_tiny_checkpoint(Path(tmp) / "llava", "llava", predictors, seed, **size_overrides)
             return convert_checkpoint(source, out, to="hf")
     if fmt != "llava":
-        raise ValueError(f"unknown checkpoint format {fmt!r} (llava, hf)")
-    sparse_keys = SparseConfig.__dataclass_fields__.keys()
+        raise UserError(f"unknown checkpoint format {fmt!r} (llava, hf)")
+    sparse_keys = {f.name for f in dataclasses.fields(SparseConfig)}
     sparse = {**_TINY_SPARSE, **{k: v for k, v in size_overrides.items() if k in sparse_keys}}
     overrides = {k: v for k, v in size_overrides.items() if k not in sparse_keys}
     tower_dir = out / "vision_tower"
