@@ -121,9 +121,9 @@ class DynamicLlavaConfig(PretrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         rope_params = kwargs.pop("rope_parameters", None) or {}
         self.rope_theta = float(rope_params.get("rope_theta", self.rope_theta))
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-            raise UserError(f"rope_scaling {rope_scaling} is not supported (only default RoPE with rope_theta)")
+        for key, rope in (("rope_parameters", rope_params), ("rope_scaling", kwargs.pop("rope_scaling", None) or {})):
+            if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+                raise UserError(f"{key} {rope} is not supported (only default RoPE with rope_theta)")
         if isinstance(sparse_config, SparseConfig):
             sparse_config = sparse_config.to_dict()
         self.sparse_config = SparseConfig.from_dict(sparse_config).to_dict()
