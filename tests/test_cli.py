@@ -121,3 +121,13 @@ def test_make_tiny_and_convert_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert json.loads((hf / "config.json").read_text())["model_type"] == "llava"
     _fails(["convert", str(tmp_path / "nothing"), str(tmp_path / "dst"), "--to", "hf"], capsys, "nothing")
     assert not (tmp_path / "dst").exists()
+
+
+def test_ask_gives_the_same_answer_from_both_layouts(tiny_llava_dir: Path, tiny_hf_dir: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    answers = []
+    for model_dir in (tiny_llava_dir, tiny_hf_dir):
+        assert main(_ask(model_dir, "--json")) == 0
+        answers.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert answers[0]["answer"] and answers[0]["answer"] == answers[1]["answer"]
+    assert answers[0]["image_tokens_kept"] == answers[1]["image_tokens_kept"] == 115
