@@ -1,0 +1,538 @@
+"""`dynamic-llava bench prefill`: ours dense vs ours sparse (Dynamic-LLaVA) vs transformers, at real shapes.
+
+Random weights at the real LLaVA-1.5 shape (the speed of a forward pass does not depend on the weight
+values), created on the meta device, materialised once and filled from a small seeded random pool:
+seconds, not minutes. transformers' `LlavaForConditionalGeneration` is built on the meta device too and
+given our very modules and parameters (checked by data_ptr), so both run the same weights in one copy.
+
+Measured side by side in one run: prefill (vision tower + projector + LLM forward to next-token
+logits; median over repeats, the three runs interleaved so machine noise hits all alike); greedy
+decoding with the KV cache through `model.step` (dense and sparse steps interleaved); the KV-cache
+bytes each holds afterwards, checked against the expected entry counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from torch import nn
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from ..constants import IMAGE_TOKEN_INDEX
+from ..errors import UserError
+from ..model.batch import OUTPUT, TokenBatch
+from ..model.cache import SparseKVCache
+from ..model.config import DynamicLlavaConfig
+from ..model.decoder import RMSNorm, RotaryEmbedding
+from ..model.llava import DynamicLlavaForCausalLM, StepOutput
+from ..model.policy import DensePolicy, DynamicLlavaPolicy, TokenPolicy
+from ..model.vision import CLIPVisionTower
+
+VOCAB = 32000
+# transformers needs an in-vocab placeholder id to share our 32000-row embedding (llava-hf appends
+# <image> as id 32000 to a 32064-row table); the random prompt text never uses it.
+REF_IMAGE_TOKEN = VOCAB - 1
+PROMPT_PREFIX = 35  # BOS + v1.5 system prompt + " USER:" (LLaMA tokenizer), then <image>, then the rest
+_POOL_SIZE = 1_000_003  # prime, so consecutive rows of a weight get different windows of the pool
+_INIT_STD = 0.02
+TRANSFORMERS_CALL = "model(input_ids, pixel_values, attention_mask, use_cache=True, logits_to_keep=1)"
+
+_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14)
+
+
+@dataclass(frozen=True)
+class Shape:
+    llm: dict[str, int]
+    vision: dict[str, int]
+    sparse: dict[str, int] = field(default_factory=dict)  # sparse_config overrides (defaults: SPEC 2.1)
+
+
+SHAPES: dict[str, Shape] = {
+    "llava-1.5-7b": Shape(dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32), _CLIP_L_336),
+    "llava-1.5-13b": Shape(dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                num_attention_heads=40), _CLIP_L_336),
+    # Same pipeline and token counts (576 patches, 115 kept), tiny widths: a few seconds.
+    "tiny": Shape(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       image_size=336, patch_size=14),
+                  dict(d_model=64, nhead=4, dim_feedforward=128)),
+}
+
+
+# ----------------------------------------------------------------------------- models
+def build_model(shape: Shape, dtype: torch.dtype, seed: int = 0) -> DynamicLlavaForCausalLM:
+    """Our model with the CLIP tower attached, random weights, one copy in RAM."""
+    config = DynamicLlavaConfig(vocab_size=VOCAB, mm_hidden_size=shape.vision["hidden_size"],
+                                sparse_config=shape.sparse, **shape.llm)
+    with torch.device("meta"):
+        model = DynamicLlavaForCausalLM(config)
+        clip = CLIPVisionModel(CLIPVisionConfig(**shape.vision))
+        model.model.vision_tower = CLIPVisionTower(clip, config.mm_vision_select_layer, config.mm_vision_select_feature)
+    model = model.to(dtype)
+    _check_memory(model)
+    model = model.to_empty(device="cpu").eval()
+    _fill_random(model, seed)
+    # Buffers are not weights: recompute them (to_empty left them uninitialised; inv_freq stays fp32).
+    model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+    embeddings = clip.embeddings
+    embeddings.position_ids.copy_(torch.arange(embeddings.num_positions)[None])
+    return model
+
+
+def _check_memory(model: nn.Module) -> None:
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > 0.9 * available:
+        raise UserError(f"the weights need {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of RAM "
+                        "is free: use a smaller --shape (or bfloat16)")
+
+
+@torch.no_grad()
+def _fill_random(model: nn.Module, seed: int) -> None:
+    """Weights N(0, 0.02) tiled from a seeded pool at a random offset per tensor; biases 0, norm scales 1."""
+    generator = torch.Generator().manual_seed(seed)
+    pool32 = torch.randn(_POOL_SIZE, generator=generator) * _INIT_STD
+    pools: dict[torch.dtype, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias":
+                param.zero_()
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                param.fill_(1.0)
+            else:
+                if param.dtype not in pools:
+                    pools[param.dtype] = pool32.to(param.dtype)
+                pool = pools[param.dtype]
+                flat, start, done = param.view(-1), int(torch.randint(_POOL_SIZE, (1,), generator=generator)), 0
+                while done < flat.numel():
+                    take = min(flat.numel() - done, _POOL_SIZE - start)
+                    flat[done:done + take].copy_(pool[start:start + take])
+                    done, start = done + take, 0
+
+
+def build_reference(model: DynamicLlavaForCausalLM) -> LlavaForConditionalGeneration:
+    """transformers' LLaVA of the same shape, sharing every parameter with `model` (no second copy)."""
+    cfg = model.config
+    clip = model.model.vision_tower.vision_tower
+    text_config = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    config = LlavaConfig(vision_config=clip.config, text_config=text_config, image_token_index=REF_IMAGE_TOKEN,
+                         vision_feature_layer=cfg.mm_vision_select_layer, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", multimodal_projector_bias=True)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        ref = LlavaForConditionalGeneration(config)
+    ours = model.model
+    ref.model.vision_tower = clip
+    ref.model.multi_modal_projector.linear_1 = ours.mm_projector[0]
+    ref.model.multi_modal_projector.linear_2 = ours.mm_projector[2]
+    lm = ref.model.language_model
+    lm.embed_tokens = ours.embed_tokens
+    for theirs, mine in zip(lm.layers, ours.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(theirs.self_attn, name, getattr(mine.self_attn, name))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(theirs.mlp, name, getattr(mine.mlp, name))
+        theirs.input_layernorm.weight = mine.input_layernorm.weight
+        theirs.post_attention_layernorm.weight = mine.post_attention_layernorm.weight
+    lm.norm.weight = ours.norm.weight
+    lm.rotary_emb = LlamaRotaryEmbedding(lm.config)
+    ref.lm_head = model.lm_head
+    ref.eval()
+    _check_shared(ref, model)
+    return ref
+
+
+def _check_shared(ref: nn.Module, model: nn.Module) -> None:
+    ours = {p.data_ptr() for p in model.parameters()}
+    for name, tensor in [*ref.named_parameters(), *ref.named_buffers()]:
+        if tensor.is_meta:
+            raise RuntimeError(f"transformers reference: {name} was left on the meta device")
+    unshared = [name for name, p in ref.named_parameters() if p.data_ptr() not in ours]
+    if unshared:
+        raise RuntimeError(f"transformers reference holds its own copy of {unshared[:3]}...")
+    if ref.model.language_model.config._attn_implementation != "sdpa":
+        raise RuntimeError("transformers reference does not use sdpa attention")
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    prompts: list[torch.Tensor]  # ours: ids with one IMAGE_TOKEN_INDEX placeholder
+    images: list[torch.Tensor]  # ours: [1, 3, H, W] per sample
+    input_ids: torch.Tensor  # transformers: [B, T], the image expanded to N placeholder ids
+    pixel_values: torch.Tensor  # transformers: [B, 3, H, W]
+    attention_mask: torch.Tensor
+    text_tokens: int
+    image_tokens: int
+
+
+def make_inputs(batch_size: int, text_tokens: int, vision: dict[str, int], seed: int) -> Inputs:
+    """B copies of one v1.5-shaped prompt: BOS + system + USER: <image> question ASSISTANT: (random ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, REF_IMAGE_TOKEN, (text_tokens,), generator=generator)
+    text[0] = 1  # BOS
+    split = min(PROMPT_PREFIX, max(1, text_tokens // 2))
+    n_image = (vision["image_size"] // vision["patch_size"]) ** 2
+    prompt = torch.cat([text[:split], torch.tensor([IMAGE_TOKEN_INDEX]), text[split:]])
+    expanded = torch.cat([text[:split], torch.full((n_image,), REF_IMAGE_TOKEN), text[split:]])
+    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], generator=generator)
+    return Inputs(prompts=[prompt] * batch_size, images=[pixels] * batch_size,
+                  input_ids=expanded[None].repeat(batch_size, 1), pixel_values=pixels.repeat(batch_size, 1, 1, 1),
+                  attention_mask=torch.ones(batch_size, len(expanded), dtype=torch.long),
+                  text_tokens=text_tokens, image_tokens=n_image)
+
+
+# ----------------------------------------------------------------------------- running
+def ours_prefill(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy
+                 ) -> tuple[TokenBatch, SparseKVCache, StepOutput]:
+    """What `generate` does before its first token: embed (vision tower + projector) and one step."""
+    batch = model.embed(inputs.prompts, inputs.images)
+    cache = model.new_cache(len(inputs.prompts))
+    return batch, cache, model.step(batch, cache, policy)
+
+
+def reference_prefill(ref: LlavaForConditionalGeneration, inputs: Inputs) -> Any:
+    return ref(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
+               attention_mask=inputs.attention_mask, use_cache=True, logits_to_keep=1)
+
+
+class Decoder:
+    """Greedy decoding with the KV cache via `model.step`, one timed token at a time."""
+
+    def __init__(self, model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy) -> None:
+        self.model, self.policy = model, policy
+        batch, self.cache, out = ours_prefill(model, inputs, policy)
+        self.prompt_lengths = batch.lengths.clone()
+        self.prompt_kept = out.keep.sum(1)  # text + kept image tokens
+        self.prefill_bytes = int(self.cache.bytes_per_sample().sum())
+        self.tokens = out.logits.argmax(-1)
+        self.positions = batch.lengths.clone()
+        self.outputs_kept = torch.zeros_like(self.positions)
+        self.seconds: list[float] = []
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        out = self.model.step(self.model.embed_generated(self.tokens, self.positions), self.cache, self.policy)
+        self.tokens = out.logits.argmax(-1)
+        self.seconds.append(time.perf_counter() - start)
+        self.outputs_kept += out.keep[:, 0]
+        self.positions += 1
+
+    def kv_report(self, sparse_layer: int) -> dict[str, Any]:
+        """KV bytes, and whether every layer holds exactly the expected entries."""
+        lengths = self.cache.lengths()  # [L, B]
+        fed = len(self.seconds)
+        late_expected = self.prompt_kept + self.outputs_kept  # text + kept image + kept output tokens
+        ok = bool((lengths[:sparse_layer] == self.prompt_lengths + fed).all()
+                  and (lengths[sparse_layer:] == late_expected).all())
+        per_entry = self.cache.bytes_per_entry()
+        return {
+            "kv_cache_bytes": int(lengths.sum()) * per_entry,
+            "kv_cache_bytes_sparse_layers": int(lengths[sparse_layer:].sum()) * per_entry,
+            "kv_cache_bytes_after_prefill": self.prefill_bytes,
+            "kv_cache_allocated_bytes": sum(layer.k.nbytes + layer.v.nbytes for layer in self.cache.layers),
+            "entries_per_sparse_layer": lengths[sparse_layer:].float().mean(0).tolist(),
+            "output_tokens_kept": self.outputs_kept.tolist(),
+            "entries_check": ok,
+        }
+
+
+class _Recorder:
+    """A policy wrapper that records the hidden states of generated tokens entering sparse_layer."""
+
+    def __init__(self, policy: TokenPolicy) -> None:
+        self.policy = policy
+        self.hidden: list[torch.Tensor] = []
+
+    def select(self, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        self.hidden.append(hidden[(batch.kinds == OUTPUT) & batch.valid])
+        return self.policy.select(hidden, batch)
+
+
+@torch.no_grad()
+def calibrate_output_predictor(model: DynamicLlavaForCausalLM, inputs: Inputs, n_tokens: int) -> str:
+    """Rescale the random output-text predictor's last Linear so keep-logit - drop-logit has unit spread
+    and zero median over the generated tokens of a calibration decode: about half are kept."""
+    sparse = model.sparse.with_overrides(use_output_text_predictor=False)
+    recorder = _Recorder(DynamicLlavaPolicy(sparse, model.model.image_score_predictor, None))
+    decoder = Decoder(model, inputs, recorder)
+    for _ in range(n_tokens):
+        decoder.step()
+    head = model.model.output_text_score_predictor.output_mlp
+    logits = head(torch.cat(recorder.hidden)).float()
+    margin = logits[:, 0] - logits[:, 1]
+    spread = float(margin.std()) if margin.numel() > 1 else 0.0
+    scale = 1.0 / spread if spread > 0 else 1.0
+    last = head[-1]
+    last.weight.mul_(scale)
+    last.bias.mul_(scale)
+    last.bias[0] -= float(margin.median()) * scale
+    return (f"no trained output-text predictor exists: random predictor whose last Linear was rescaled "
+            f"(x{scale:.3g}) and its keep bias shifted so that keep-logit > drop-logit for half of the "
+            f"{margin.numel()} generated tokens of a greedy calibration decode of the same prompt "
+            f"(output sparsification off)")
+
+
+def _time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Run each runner `repeats` times, rotating the order each round: wall seconds, and the kernel
+    seconds and minor page faults of the process during the run (fresh large tensors are page-faulted)."""
+    names = list(runners)
+    runs: dict[str, dict[str, list[float]]] = {name: {"seconds": [], "kernel_seconds": [], "page_faults": []}
+                                               for name in names}
+    with tqdm(total=repeats * len(names), desc="prefill", unit="run") as bar:
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                runners[name]()
+                seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+                runs[name]["seconds"].append(seconds)
+                runs[name]["kernel_seconds"].append(after.ru_stime - before.ru_stime)
+                runs[name]["page_faults"].append(after.ru_minflt - before.ru_minflt)
+                bar.update(1)
+    return runs
+
+
+# ----------------------------------------------------------------------------- accounting and checks
+def prefill_flops(model: DynamicLlavaForCausalLM, text_tokens: int, image_tokens: int, kept: int) -> dict[str, float]:
+    """Matmul FLOPs of one sample's prefill, exact for these modules (predictors, < 1%, left out), dense
+    and sparse; plus the paper's image-token-only count, sum over layers of 32 N C^2 + 4 N^2 C (SPEC 3)."""
+    cfg, vc = model.config, model.model.vision_tower.vision_tower.config
+    c, f, n_layers, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, model.sparse_layer
+    kv = cfg.num_key_value_heads * cfg.head_dim
+
+    def llm(layers: int, n: int) -> float:  # causal attention over n tokens
+        return layers * (2 * n * (2 * c * c + 2 * c * kv + 3 * c * f) + 4 * c * n * (n + 1) / 2)
+
+    cv, n_v = vc.hidden_size, image_tokens + 1
+    vision = (vc.num_hidden_layers * (2 * n_v * (4 * cv * cv + 2 * cv * vc.intermediate_size) + 4 * cv * n_v * n_v)
+              + 2 * image_tokens * 3 * vc.patch_size ** 2 * cv)
+    common = vision + 2 * image_tokens * (cv * c + c * c) + 2 * c * cfg.vocab_size + llm(k, text_tokens + image_tokens)
+    dense = common + llm(n_layers - k, text_tokens + image_tokens)
+    sparse = common + llm(n_layers - k, text_tokens + kept)
+    paper = lambda n: 32 * n * c * c + 4 * n * n * c  # noqa: E731
+    return {"dense": dense, "sparse": sparse, "sparse_over_dense": sparse / dense,
+            "paper_formula_dense": n_layers * paper(image_tokens),
+            "paper_formula_sparse": k * paper(image_tokens) + (n_layers - k) * paper(kept)}
+
+
+def check_parity(seed: int) -> float:
+    """Max |logit difference| / max |logit|, ours dense vs transformers, every position, tiny shape, fp32."""
+    shape = SHAPES["tiny"]
+    model = build_model(shape, torch.float32, seed)
+    ref = build_reference(model)
+    inputs = make_inputs(2, 40, shape.vision, seed)
+    with torch.inference_mode():
+        ours = model.forward_full(inputs.prompts, inputs.images, policy=DensePolicy()).logits
+        theirs = ref(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
+                     attention_mask=inputs.attention_mask).logits
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def _reference_kv_bytes(out: Any) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
+
+
+# ----------------------------------------------------------------------------- command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=list(SHAPES), required=True,
+                        help="real LLaVA-1.5 shapes with random weights, or tiny (seconds; smoke test)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt and image")
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefill runs per model (after a warm-up)")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps (0: prefill only)")
+    parser.add_argument("--prompt-text-tokens", type=int, default=60, help="text tokens besides the image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (at the end)")
+
+
+def run(args: argparse.Namespace) -> int:
+    shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
+    for name, low in (("batch_size", 1), ("repeats", 1), ("decode_tokens", 0), ("prompt_text_tokens", 2)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
+    print(f"bench prefill: {args.shape}, {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+
+    parity = check_parity(args.seed)
+    print(f"parity (tiny shape, fp32, dense, all positions): ours vs transformers max rel |diff| = {parity:.2e}")
+    if parity > 1e-4:
+        raise RuntimeError("ours dense and transformers disagree: not timing")
+
+    start = time.perf_counter()
+    model = build_model(shape, dtype, args.seed)
+    ref = build_reference(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"built random weights: {n_params / 1e9:.2f} B parameters, "
+          f"{sum(p.nbytes for p in model.parameters()) / 2**30:.1f} GiB, in {time.perf_counter() - start:.1f} s; "
+          "transformers reference shares every parameter (data_ptr checked)", flush=True)
+    inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed)
+    n_prompt = inputs.text_tokens + inputs.image_tokens
+    if n_prompt + args.decode_tokens > model.config.max_position_embeddings:
+        raise UserError(f"{n_prompt} prompt + {args.decode_tokens} decode tokens exceed the context length")
+    dense_policy, sparse_policy = DensePolicy(), model.default_policy()
+    k = model.sparse_layer
+    expected_kept = math.floor(model.sparse.vision_keep_rate * inputs.image_tokens + 1e-6)
+
+    with torch.inference_mode():
+        print(f"warm-up: {inputs.text_tokens} text + {inputs.image_tokens} image tokens x {args.batch_size}",
+              flush=True)
+        # One prefill each, its KV cache measured and freed at once (two 7B caches at batch 8 are 5 GB).
+        prefill_kv: dict[str, int] = {}
+        outs: dict[str, torch.Tensor] = {}
+        for name, policy in (("dense", dense_policy), ("sparse", sparse_policy)):
+            _, cache, out = ours_prefill(model, inputs, policy)
+            prefill_kv[name], outs[name] = int(cache.bytes_per_sample().sum()), out
+            del cache
+        ref_out = reference_prefill(ref, inputs)
+        prefill_kv["transformers"], theirs = _reference_kv_bytes(ref_out), ref_out.logits[:, -1].float()
+        del ref_out
+        logits_diff = float((outs["dense"].logits.float() - theirs).abs().max() / theirs.abs().max())
+        argmax_agree = bool((outs["dense"].logits.argmax(-1) == theirs.argmax(-1)).all())
+        image_kept = (outs["sparse"].keep.sum(1) - inputs.text_tokens).tolist()
+        print(f"  next-token logits, ours dense vs transformers ({args.dtype}): max rel |diff| {logits_diff:.2e}, "
+              f"argmax {'agrees' if argmax_agree else 'DIFFERS'}")
+        print(f"  sparse keeps {image_kept} of {inputs.image_tokens} image tokens per sample "
+              f"(expected {expected_kept})", flush=True)
+
+        runs = _time_interleaved({
+            "dense": lambda: ours_prefill(model, inputs, dense_policy),
+            "sparse": lambda: ours_prefill(model, inputs, sparse_policy),
+            "transformers": lambda: reference_prefill(ref, inputs),
+        }, args.repeats)
+        prefill = {name: statistics.median(run["seconds"]) for name, run in runs.items()}
+
+        decode: dict[str, float | None] = {"dense": None, "sparse": None}
+        reports: dict[str, dict[str, Any]] = {}
+        rule = "not used (--decode-tokens 0)"
+        if args.decode_tokens:
+            print("calibrating the output-text predictor ...", flush=True)
+            rule = calibrate_output_predictor(model, inputs, args.decode_tokens)
+            decoders = {"dense": Decoder(model, inputs, dense_policy), "sparse": Decoder(model, inputs, sparse_policy)}
+            for step in tqdm(range(args.decode_tokens), desc="decode", unit="token"):
+                for name in (("dense", "sparse") if step % 2 == 0 else ("sparse", "dense")):
+                    decoders[name].step()
+            decode = {name: statistics.median(d.seconds) for name, d in decoders.items()}
+            reports = {name: d.kv_report(k) for name, d in decoders.items()}
+    kv = {name: reports[name]["kv_cache_bytes"] if reports else prefill_kv[name] for name in ("dense", "sparse")}
+    flops = prefill_flops(model, inputs.text_tokens, inputs.image_tokens, expected_kept)
+
+    result: dict[str, Any] = {
+        "prefill_seconds": prefill,
+        "decode_seconds_per_token": decode,
+        "kv_cache_bytes": kv,
+        "ratios": {
+            "sparse_over_dense_prefill": prefill["sparse"] / prefill["dense"],
+            "dense_over_transformers_prefill": prefill["dense"] / prefill["transformers"],
+            "sparse_over_dense_decode": decode["sparse"] / decode["dense"] if args.decode_tokens else None,
+            "sparse_over_dense_kv_bytes": kv["sparse"] / kv["dense"],
+        },
+        "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size, "repeats": args.repeats,
+        "decode_tokens": args.decode_tokens, "prompt_tokens": n_prompt, "text_tokens": inputs.text_tokens,
+        "image_tokens": inputs.image_tokens, "image_tokens_kept": image_kept,
+        "prefill_runs": runs,
+        "prefill_seconds_min": {name: min(run["seconds"]) for name, run in runs.items()},
+        "prefill_kernel_share": {name: statistics.median(run["kernel_seconds"]) / prefill[name]
+                                 for name, run in runs.items()},
+        "kv_cache_bytes_after_prefill": prefill_kv,
+        "kv_cache": reports,
+        "output_keep_rule": rule,
+        "flops_prefill_per_sample": flops,
+        "parity": {"tiny_fp32_all_positions_max_rel_diff": parity,
+                   "this_shape_next_token_logits_max_rel_diff": logits_diff, "this_shape_argmax_agrees": argmax_agree},
+        "transformers_call": TRANSFORMERS_CALL + " (lm_head on the last position only, as ours)",
+        "weights": "random (seeded); a forward pass's speed does not depend on weight values",
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _print_summary(result)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(partial, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _print_summary(r: dict[str, Any]) -> None:
+    mib = lambda b: f"{b / 2**20:.1f}" if b is not None else "-"  # noqa: E731
+    sec = lambda s: f"{s:.4f}" if s is not None else "-"  # noqa: E731
+    prefill, decode, after_prefill = r["prefill_seconds"], r["decode_seconds_per_token"], r["kv_cache_bytes_after_prefill"]
+    end = {name: rep["kv_cache_bytes"] for name, rep in r["kv_cache"].items()}
+    print(f"\n{r['shape']}, {r['dtype']}, batch {r['batch_size']}: {r['text_tokens']} text + {r['image_tokens']} "
+          f"image tokens, median of {r['repeats']} prefill runs, {r['decode_tokens']} decode steps")
+    print(f"{'':20}{'prefill s':>11}{'x ours dense':>14}{'decode s/tok':>14}{'KV MiB prefill':>16}"
+          f"{'KV MiB end':>12}")
+    for name, label in (("dense", "ours dense"), ("sparse", "ours sparse"), ("transformers", "transformers dense")):
+        print(f"{label:20}{prefill[name]:>11.3f}{prefill[name] / prefill['dense']:>14.3f}"
+              f"{sec(decode.get(name)):>14}{mib(after_prefill[name]):>16}{mib(end.get(name)):>12}")
+    ratios, flops = r["ratios"], r["flops_prefill_per_sample"]
+    print(f"sparse / dense prefill: {ratios['sparse_over_dense_prefill']:.3f} "
+          f"(exact-FLOPs ideal {flops['sparse_over_dense']:.3f}: {flops['sparse'] / 1e12:.3g} vs "
+          f"{flops['dense'] / 1e12:.3g} TFLOPs per sample; paper formula, image tokens only: "
+          f"{flops['paper_formula_sparse'] / 1e12:.3g} vs {flops['paper_formula_dense'] / 1e12:.3g})")
+    print(f"ours dense / transformers dense prefill: {ratios['dense_over_transformers_prefill']:.3f} "
+          f"(transformers called as {TRANSFORMERS_CALL})")
+    low = r["prefill_seconds_min"]
+    print(f"same ratios from the fastest run of each: sparse / dense {low['sparse'] / low['dense']:.3f}, "
+          f"ours dense / transformers {low['dense'] / low['transformers']:.3f}")
+    share = r["prefill_kernel_share"]
+    print("kernel CPU time / wall time per prefill (mostly page faults on fresh large tensors): "
+          + ", ".join(f"{name} {value:.0%}" for name, value in share.items()))
+    if max(share.values()) > 0.1:
+        print("  (glibc returns large freed blocks to the OS, so every forward faults them in again; "
+              "see docs/BENCHMARKS.md for GLIBC_TUNABLES that keep them)")
+    seconds = [run["seconds"] for run in r["prefill_runs"].values()]
+    if any(max(v) > 1.5 * min(v) for v in seconds):
+        print("WARNING: a model's prefill times vary by more than 1.5x between runs: the machine is busy "
+              "(other processes share the cores); these ratios are unreliable")
+    if r["kv_cache"]:
+        dense, sparse = r["kv_cache"]["dense"], r["kv_cache"]["sparse"]
+        print(f"sparse / dense decode per token: {ratios['sparse_over_dense_decode']:.3f}; "
+              f"KV bytes: {ratios['sparse_over_dense_kv_bytes']:.3f}")
+        print(f"layers >= sparse_layer hold per sample: dense {dense['entries_per_sparse_layer']} entries, sparse "
+              f"{sparse['entries_per_sparse_layer']} = {r['text_tokens']} text + {r['image_tokens_kept']} image + "
+              f"{sparse['output_tokens_kept']} of {r['decode_tokens']} output tokens kept "
+              f"(entry check: {'OK' if dense['entries_check'] and sparse['entries_check'] else 'FAILED'}); "
+              f"{mib(sparse['kv_cache_bytes_sparse_layers'])} vs {mib(dense['kv_cache_bytes_sparse_layers'])} MiB")
+    print(f"output keep rule: {r['output_keep_rule']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dynamic_llava.bench.prefill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
