@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         # One prefill each, its KV cache measured and freed at once (two 7B caches at batch 8 are 5 GB).
         prefill_kv: dict[str, int] = {}
-        outs: dict[str, torch.Tensor] = {}
+        outs: dict[str, StepOutput] = {}
         for name, policy in (("dense", dense_policy), ("sparse", sparse_policy)):
             _, cache, out = ours_prefill(model, inputs, policy)
             prefill_kv[name], outs[name] = int(cache.bytes_per_sample().sum()), out
