@@ -43,6 +43,12 @@ class LayerKVCache:
         Returns keys, values, key positions and key validity over the used slots.
         """
         t = k.shape[2]
+        if self.capacity == 0:
+            # First write (prefill): adopt the tensors. Zero-fill + grow + scatter of a copy cost ~10%
+            # of a dense 7B prefill.
+            self.k, self.v, self.positions = k, v, positions.clone()
+            valid = torch.arange(t, device=k.device)[None, :] < n_new[:, None]
+            return k, v, self.positions, valid
         end = int((self.lengths + t).max())
         self._reserve(end)
         slots = self.lengths[:, None] + torch.arange(t, device=k.device)  # [B, T]

@@ -51,15 +51,16 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, k
     return (key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None]))[:, None]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention with grouped K/V heads shared by several query heads."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with grouped K/V heads shared by several query heads; `mask=None` means causal."""
+    causal = mask is None
     if k.shape[1] == q.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     if _SDPA_HAS_GQA:  # avoids copying the whole cache once per layer and step
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     repeat = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
-                                          attn_mask=mask)
+                                          attn_mask=mask, is_causal=causal)
 
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -85,11 +86,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        # Keys exactly these tokens, unpadded, in increasing position order: the mask is triangular.
+        causal = key_mask is None and t > 1 and bool((cache.lengths == 0).all()) and bool((n_new == t).all())
         keys, values, key_positions, key_valid = cache.write(k, v, positions, n_new)
-        mask = attention_mask(positions, key_positions, key_valid)
-        if key_mask is not None:
-            mask = mask & key_mask
-        out = _sdpa(q, keys, values, mask)
+        if causal:
+            out = _sdpa(q, keys, values, None)
+        else:
+            mask = attention_mask(positions, key_positions, key_valid)
+            out = _sdpa(q, keys, values, mask if key_mask is None else mask & key_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
