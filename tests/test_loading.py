@@ -430,3 +430,31 @@ def test_tiny_checkpoint_is_deterministic_and_llava_compatible(tiny_llava_dir: P
     assert (tiny_llava_dir / "tokenizer.model").exists()  # LLaVA's slow tokenizer needs the SentencePiece file
     vision_keys = load_file(tiny_llava_dir / "vision_tower" / "model.safetensors")
     assert all(k.startswith("vision_model.") for k in vision_keys)
+
+
+def test_original_llava_class_structure_loads_the_tiny_checkpoint(tiny_llava_dir: Path) -> None:
+    """What LLaVA's `LlavaLlamaForCausalLM.from_pretrained` does, rebuilt from transformers parts: a
+    LlamaForCausalLM whose `model` also owns `mm_projector`, config class `llava_llama`."""
+    from torch import nn
+
+    class LlavaConfigLike(LlamaConfig):
+        model_type = "llava_llama"
+
+    class LlavaLlamaLike(LlamaForCausalLM):
+        config_class = LlavaConfigLike
+
+        def __init__(self, config: LlavaConfigLike) -> None:
+            super().__init__(config)
+            self.model.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, config.hidden_size), nn.GELU(),
+                                                    nn.Linear(config.hidden_size, config.hidden_size))
+
+    model, info = LlavaLlamaLike.from_pretrained(tiny_llava_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert all("score_predictor" in key for key in info["unexpected_keys"])  # Dynamic-LLaVA's additions only
+    CLIPVisionModel.from_pretrained(_config(tiny_llava_dir)["mm_vision_tower"])
+    _, ours, _, _ = load_pretrained_model(tiny_llava_dir, sparse=False)
+    ids = [1, 5, 9, 33, 70, 2]
+    with torch.no_grad():
+        theirs = model.eval()(torch.tensor([ids])).logits[0]
+        mine = ours.forward_full([ids]).logits[0]
+    assert (mine - theirs).abs().max() / theirs.abs().max() < 1e-5
