@@ -34,7 +34,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import ask
-    from .bench import prefill
+    from .bench import flops, prefill
 
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("prefill", help="prefill / decode latency and KV bytes: ours dense, sparse, transformers")
     prefill.add_arguments(p)
     p.set_defaults(handler=prefill.run)
+    p = bench.add_parser("flops", help="prefill FLOPs: the paper's formula and an exact count (dense, sparse, FastV)")
+    flops.add_arguments(p)
+    p.set_defaults(handler=flops.run)
     return parser
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -23,7 +22,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,8 +42,11 @@ from ..model.decoder import RMSNorm, RotaryEmbedding
 from ..model.llava import DynamicLlavaForCausalLM, StepOutput
 from ..model.policy import DensePolicy, DynamicLlavaPolicy, TokenPolicy
 from ..model.vision import CLIPVisionTower
+from .flops import exact_prefill_flops, paper_formula_flops
+from .flops import schedules as flops_schedules
+from .output import write_json
+from .shapes import SHAPES, VOCAB, Shape
 
-VOCAB = 32000
 # transformers needs an in-vocab placeholder id to share our 32000-row embedding (llava-hf appends
 # <image> as id 32000 to a 32064-row table); the random prompt text never uses it.
 REF_IMAGE_TOKEN = VOCAB - 1
@@ -52,29 +54,6 @@ PROMPT_PREFIX = 35  # BOS + v1.5 system prompt + " USER:" (LLaMA tokenizer), the
 _POOL_SIZE = 1_000_003  # prime, so consecutive rows of a weight get different windows of the pool
 _INIT_STD = 0.02
 TRANSFORMERS_CALL = "model(input_ids, pixel_values, attention_mask, use_cache=True, logits_to_keep=1)"
-
-_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                   image_size=336, patch_size=14)
-
-
-@dataclass(frozen=True)
-class Shape:
-    llm: dict[str, int]
-    vision: dict[str, int]
-    sparse: dict[str, int] = field(default_factory=dict)  # sparse_config overrides (defaults: SPEC 2.1)
-
-
-SHAPES: dict[str, Shape] = {
-    "llava-1.5-7b": Shape(dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                               num_attention_heads=32), _CLIP_L_336),
-    "llava-1.5-13b": Shape(dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                num_attention_heads=40), _CLIP_L_336),
-    # Same pipeline and token counts (576 patches, 115 kept), tiny widths: a few seconds.
-    "tiny": Shape(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
-                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       image_size=336, patch_size=14),
-                  dict(d_model=64, nhead=4, dim_feedforward=128)),
-}
 
 
 # ----------------------------------------------------------------------------- models
@@ -316,26 +295,13 @@ def _time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int) -> di
 
 
 # ----------------------------------------------------------------------------- accounting and checks
-def prefill_flops(model: DynamicLlavaForCausalLM, text_tokens: int, image_tokens: int, kept: int) -> dict[str, float]:
-    """Matmul FLOPs of one sample's prefill, exact for these modules (predictors, < 1%, left out), dense
-    and sparse; plus the paper's image-token-only count, sum over layers of 32 N C^2 + 4 N^2 C (SPEC 3)."""
-    cfg, vc = model.config, model.model.vision_tower.vision_tower.config
-    c, f, n_layers, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, model.sparse_layer
-    kv = cfg.num_key_value_heads * cfg.head_dim
-
-    def llm(layers: int, n: int) -> float:  # causal attention over n tokens
-        return layers * (2 * n * (2 * c * c + 2 * c * kv + 3 * c * f) + 4 * c * n * (n + 1) / 2)
-
-    cv, n_v = vc.hidden_size, image_tokens + 1
-    vision = (vc.num_hidden_layers * (2 * n_v * (4 * cv * cv + 2 * cv * vc.intermediate_size) + 4 * cv * n_v * n_v)
-              + 2 * image_tokens * 3 * vc.patch_size ** 2 * cv)
-    common = vision + 2 * image_tokens * (cv * c + c * c) + 2 * c * cfg.vocab_size + llm(k, text_tokens + image_tokens)
-    dense = common + llm(n_layers - k, text_tokens + image_tokens)
-    sparse = common + llm(n_layers - k, text_tokens + kept)
-    paper = lambda n: 32 * n * c * c + 4 * n * n * c  # noqa: E731
+def prefill_flops(shape: Shape, text_tokens: int, image_tokens: int, keep_rate: float) -> dict[str, float]:
+    """Exact matmul FLOPs of one sample's prefill, dense and sparse, and the paper's image-only formula."""
+    plans = {p.name: p for p in flops_schedules(shape, image_tokens, keep_rate, fastv_k=3, fastv_ratio=0.75)}
+    dense, sparse = (exact_prefill_flops(shape, plans[name], text_tokens, image_tokens) for name in ("dense", "sparse"))
     return {"dense": dense, "sparse": sparse, "sparse_over_dense": sparse / dense,
-            "paper_formula_dense": n_layers * paper(image_tokens),
-            "paper_formula_sparse": k * paper(image_tokens) + (n_layers - k) * paper(kept)}
+            "paper_formula_dense": paper_formula_flops(shape, plans["dense"], image_tokens),
+            "paper_formula_sparse": paper_formula_flops(shape, plans["sparse"], image_tokens)}
 
 
 def check_parity(seed: int) -> float:
@@ -437,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
             decode = {name: statistics.median(d.seconds) for name, d in decoders.items()}
             reports = {name: d.kv_report(k) for name, d in decoders.items()}
     kv = {name: reports[name]["kv_cache_bytes"] if reports else prefill_kv[name] for name in ("dense", "sparse")}
-    flops = prefill_flops(model, inputs.text_tokens, inputs.image_tokens, expected_kept)
+    flops = prefill_flops(shape, inputs.text_tokens, inputs.image_tokens, model.sparse.vision_keep_rate)
 
     result: dict[str, Any] = {
         "prefill_seconds": prefill,
@@ -470,11 +436,7 @@ def run(args: argparse.Namespace) -> int:
     }
     _print_summary(result)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_name(args.json.name + ".partial")
-        partial.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(partial, args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 
