@@ -12,6 +12,7 @@ from dynamic_llava.eval import (
     convert_vqav2_for_submission,
     eval_gqa,
     eval_pope,
+    eval_science_qa,
     eval_textvqa,
 )
 from dynamic_llava.eval.vqa_answer import normalize_answer, vqa_accuracy
@@ -116,12 +117,49 @@ def test_gqa_convert_and_exact_match(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "Accuracy: 25.00%" in capsys.readouterr().out  # only q1: exact match, no article removal
 
 
+@pytest.mark.parametrize(
+    "text, letter",
+    [("B", "B"), ("C. a cat", "C"), ("I think so. The answer is D.", "D"), ("The answer is A. The answer is B.", "FAILED"),
+     ("b", "FAILED"), ("Paris", "FAILED")],
+)
+def test_science_qa_letter_parsing(text: str, letter: str) -> None:
+    assert eval_science_qa.parse_letter(text) == letter
+
+
+def test_science_qa_accuracy_by_category(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    problems = {
+        "1": {"choices": ["x", "y"], "answer": 1, "subject": "natural science", "hint": "", "image": "i.png", "grade": "grade3"},
+        "2": {"choices": ["x", "y"], "answer": 0, "subject": "social science", "hint": "ctx", "image": None, "grade": "grade8"},
+        "3": {"choices": ["x", "y"], "answer": 0, "subject": "natural science", "hint": "", "image": None, "grade": "grade10"},
+        "4": {"choices": ["x", "y"], "answer": 0, "subject": "language science", "hint": "", "image": None, "grade": "grade1"},
+        "9": {"choices": ["x"], "answer": 0, "subject": "language science", "hint": "", "image": None, "grade": "grade1"},
+    }
+    _json(tmp_path / "problems.json", problems)
+    _json(tmp_path / "pid_splits.json", {"test": ["1", "2", "3", "4"], "val": ["9"]})
+    # 1 right; 2 right ("A. x"); 3 wrong (C is not among 2 choices); 4 has no result -> wrong.
+    r = _jsonl(tmp_path / "r.jsonl", [{"question_id": "1", "prompt": "<image>\nq", "text": "B"},
+                                      {"question_id": "2", "prompt": "q", "text": "A. x"},
+                                      {"question_id": "3", "prompt": "q", "text": "C"}])
+    out_file, out_result = tmp_path / "o.json", tmp_path / "s.json"
+    argv = ["--base-dir", str(tmp_path), "--result-file", str(r), "--output-file", str(out_file),
+            "--output-result", str(out_result)]
+    assert eval_science_qa.main(argv) == 0
+    assert "Total: 4, Correct: 2, Accuracy: 50.00%" in capsys.readouterr().out
+    summary = json.loads(out_result.read_text())
+    assert summary["categories"] == {"G1-6": 50.0, "G7-12": 50.0, "IMG": 100.0, "LAN": 0.0, "NAT": 50.0,
+                                     "NO": 0.0, "SOC": 100.0, "TXT": 100.0}
+    assert summary["results"] == {"1": 1, "2": 0, "3": -1, "4": -1}
+    assert len(json.loads(out_file.read_text())["correct"]) == 2
+
+
 _MISSING = {
     "textvqa": (eval_textvqa, ["--annotation-file", "{m}", "--result-file", "{m}"]),
     "pope": (eval_pope, ["--annotation-dir", "{m}", "--question-file", "{m}", "--result-file", "{m}"]),
     "vqav2": (convert_vqav2_for_submission, ["--src", "{m}", "--dst", "{m}.out", "--test-file", "{m}"]),
     "gqa_convert": (convert_gqa_for_eval, ["--src", "{m}", "--dst", "{m}.out"]),
     "gqa_eval": (eval_gqa, ["--questions", "{m}", "--predictions", "{m}"]),
+    "science_qa": (eval_science_qa, ["--base-dir", "{m}", "--result-file", "{m}", "--output-file", "{m}.o",
+                                     "--output-result", "{m}.r"]),
 }
 
 
