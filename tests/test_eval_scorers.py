@@ -9,8 +9,10 @@ import pytest
 
 from dynamic_llava.eval import (
     convert_gqa_for_eval,
+    convert_mme,
     convert_vqav2_for_submission,
     eval_gqa,
+    eval_mme,
     eval_pope,
     eval_science_qa,
     eval_textvqa,
@@ -152,12 +154,40 @@ def test_science_qa_accuracy_by_category(tmp_path: Path, capsys: pytest.CaptureF
     assert len(json.loads(out_file.read_text())["correct"]) == 2
 
 
+def test_mme_convert_and_acc_plus(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "MME_Benchmark_release_version"
+    (data / "color").mkdir(parents=True)
+    (data / "color" / "a.txt").write_text("Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n")
+    (data / "color" / "b.txt").write_text("Is it red?  Please answer yes or no.\tNo\nIs it green? Please answer yes or no.\tYes\n")
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    short = "\nAnswer the question using a single word or phrase."
+    _jsonl(answers / "exp.jsonl", [
+        {"question_id": "color/a.jpg", "prompt": "Is it red?" + short, "text": "Yes"},
+        {"question_id": "color/a.jpg", "prompt": "Is it blue?" + short, "text": "No, it is not."},
+        {"question_id": "color/b.png", "prompt": "Is it red?" + short, "text": "No"},  # two-space question
+        {"question_id": "color/b.png", "prompt": "Is it green?" + short, "text": "Maybe"},
+    ])
+    out = tmp_path / "eval_tool" / "answers"
+    argv = ["--experiment", "exp", "--data-path", str(data), "--answers-dir", str(answers), "--output-dir", str(out)]
+    assert convert_mme.main(argv) == 0
+    lines = (out / "exp" / "color.txt").read_text().splitlines()
+    assert lines[2] == "b.txt\tIs it red?  Please answer yes or no.\tNo\tNo"
+    # 3 of 4 questions right -> acc 75; only image a has both right -> acc+ 50; score 125.
+    assert eval_mme.subtask_score(lines, "color.txt") == (75.0, 50.0)
+    assert eval_mme.main(["--results-dir", str(out / "exp")]) == 0
+    text = capsys.readouterr().out
+    assert "color  score: 125.00" in text and text.count("total score:") == 2
+
+
 _MISSING = {
     "textvqa": (eval_textvqa, ["--annotation-file", "{m}", "--result-file", "{m}"]),
     "pope": (eval_pope, ["--annotation-dir", "{m}", "--question-file", "{m}", "--result-file", "{m}"]),
     "vqav2": (convert_vqav2_for_submission, ["--src", "{m}", "--dst", "{m}.out", "--test-file", "{m}"]),
     "gqa_convert": (convert_gqa_for_eval, ["--src", "{m}", "--dst", "{m}.out"]),
     "gqa_eval": (eval_gqa, ["--questions", "{m}", "--predictions", "{m}"]),
+    "mme_convert": (convert_mme, ["--experiment", "x", "--data-path", "{m}"]),
+    "mme_eval": (eval_mme, ["--results-dir", "{m}"]),
     "science_qa": (eval_science_qa, ["--base-dir", "{m}", "--result-file", "{m}", "--output-file", "{m}.o",
                                      "--output-result", "{m}.r"]),
 }
