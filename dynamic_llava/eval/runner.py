@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -31,6 +31,13 @@ class Question:
     question_id: Any  # int or str, as in the question file
     text: str  # the query given to the model (and recorded as the answer's `prompt`)
     image: str | None = None  # file name under --image-folder; None: a text-only request
+    image_data: str | None = None  # base64 image (MMBench's TSV), used instead of `image`
+    extra: dict[str, Any] = field(default_factory=dict)  # answer fields added or replaced (MMBench's round_id)
+
+    @property
+    def key(self) -> tuple[Any, Any]:
+        """What identifies one answer line: the question id and, for MMBench's rounds, the round."""
+        return self.question_id, self.extra.get("round_id")
 
 
 def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -70,6 +77,17 @@ def get_chunk(items: Sequence[T], num_chunks: int, chunk_idx: int) -> list[T]:
     return list(items[start:start + size + (chunk_idx < extra)])
 
 
+def chunk_questions(questions: Sequence[Question], num_chunks: int, chunk_idx: int) -> list[Question]:
+    """`get_chunk` over question ids: consecutive questions sharing an id (MMBench's rounds) stay together."""
+    groups: list[list[Question]] = []
+    for question in questions:
+        if groups and groups[-1][0].question_id == question.question_id:
+            groups[-1].append(question)
+        else:
+            groups.append([question])
+    return [question for group in get_chunk(groups, num_chunks, chunk_idx) for question in group]
+
+
 def read_question_jsonl(path: str) -> list[Question]:
     """LLaVA's question jsonl: one `{question_id, image, text[, category]}` per line."""
     questions = []
@@ -93,23 +111,24 @@ def read_text(path: str, what: str) -> str:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def answered_ids(path: Path) -> set[Any]:
-    """Question ids already in the answers file; a trailing partial line (interrupted write) is removed."""
+def answered_keys(path: Path) -> set[tuple[Any, Any]]:
+    """`Question.key`s already in the answers file; a trailing partial line (interrupted write) is removed."""
     if not path.exists():
         return set()
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         raw = raw[:raw.rfind(b"\n") + 1]
         path.write_bytes(raw)
-    ids = set()
+    keys = set()
     for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            ids.add(json.loads(line)["question_id"])
+            row = json.loads(line)
+            keys.add((row["question_id"], row.get("round_id")))
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path}:{number} is not an answer line; fix or move the answers file") from None
-    return ids
+    return keys
 
 
 def run(args: argparse.Namespace, read_questions: Callable[[argparse.Namespace], list[Question]]) -> int:
@@ -120,13 +139,13 @@ def run(args: argparse.Namespace, read_questions: Callable[[argparse.Namespace],
         raise UserError("beam search is not supported: use --num-beams 1")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    questions = get_chunk(read_questions(args), args.num_chunks, args.chunk_idx)
+    questions = chunk_questions(read_questions(args), args.num_chunks, args.chunk_idx)
     answers_file = Path(args.answers_file)
     answers_file.parent.mkdir(parents=True, exist_ok=True)
-    done = answered_ids(answers_file)
-    todo = [q for q in questions if q.question_id not in done]
+    done = answered_keys(answers_file)
+    todo = [q for q in questions if q.key not in done]
     for question in todo:  # fail on a missing image before loading the model
-        if question.image is not None and not (Path(args.image_folder) / question.image).is_file():
+        if question.image_data is None and question.image is not None and not (Path(args.image_folder) / question.image).is_file():
             raise UserError(f"image file not found: {Path(args.image_folder) / question.image} "
                             f"(question {question.question_id})")
     if len(todo) < len(questions):
@@ -143,8 +162,8 @@ def run(args: argparse.Namespace, read_questions: Callable[[argparse.Namespace],
     with answers_file.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="questions") as progress:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            requests = [prepare_request(q.text, [Path(args.image_folder) / q.image] if q.image else [],
-                                        tokenizer, image_processor, model.config, args.conv_mode) for q in batch]
+            requests = [prepare_request(q.text, image_sources(q, args.image_folder), tokenizer, image_processor,
+                                        model.config, args.conv_mode) for q in batch]
             config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, stop_strings=[requests[0].stop], seed=args.seed)
             results = generate(model, tokenizer, [r.input_ids for r in requests],
@@ -168,11 +187,19 @@ def main(argv: Sequence[str] | None, prog: str, description: str | None, max_new
     return run_command(lambda args: run(args, read_questions), parser.parse_args(argv))
 
 
+def image_sources(question: Question, image_folder: str) -> list[str | Path]:
+    """The question's image as `load_image` takes it: base64 text, a file under `image_folder`, or none."""
+    if question.image_data is not None:
+        return [question.image_data]
+    return [Path(image_folder) / question.image] if question.image else []
+
+
 def answer_line(question: Question, result: GenerationResult, model_id: str) -> str:
     """One answers-jsonl line in LLaVA's format, with the efficiency stats in `metadata`."""
     return json.dumps({
         "question_id": question.question_id,
         "prompt": question.text,
+        **question.extra,
         "text": result.text.strip(),
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
