@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dynamic_llava.eval import model_vqa_mmbench
+from dynamic_llava.eval.io import read_tsv
 from dynamic_llava.eval.model_vqa_mmbench import SINGLE_PRED_PROMPTS
 
 COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
@@ -48,7 +49,7 @@ def _answers(path: Path) -> list[dict]:
 
 
 def test_prompts_and_rounds_without_the_model(tsv: Path) -> None:
-    rows = model_vqa_mmbench.read_tsv(str(tsv))
+    rows = read_tsv(tsv, model_vqa_mmbench.COLUMNS)
     rounds = model_vqa_mmbench.row_questions(rows[0], all_rounds=True, suffix=SINGLE_PRED_PROMPTS["cn"])
     assert [q.extra["round_id"] for q in rounds] == [0, 1, 2, 3]
     assert rounds[0].extra["prompt"] == "Look closely.\nIt is bright.\nWhat color?\nA. red\nB. green\nC. blue\nD. black"

@@ -1,9 +1,12 @@
-"""Shared file IO for the scorers: json / jsonl reading with clear errors, atomic writes."""
+"""Shared file IO for the runners and scorers: json / jsonl / tsv reading with clear errors, atomic writes."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,6 +43,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             raise UserError(f"{path}:{number}: expected a json object")
         records.append(record)
     return records
+
+
+def read_tsv(path: str | os.PathLike, columns: Iterable[str]) -> list[dict[str, str]]:
+    """The rows of a tab-separated file with a header that has `columns` (fields may be huge: base64 images)."""
+    csv.field_size_limit(sys.maxsize)
+    rows = list(csv.DictReader(io.StringIO(_open_text(path)), delimiter="\t"))
+    if not rows:
+        raise UserError(f"{path}: no rows (expected a tab-separated file with a header)")
+    require_keys(rows[0], columns, f"{path}: header")
+    return rows
 
 
 def require_keys(record: dict, keys: Iterable[str], where: str) -> None:

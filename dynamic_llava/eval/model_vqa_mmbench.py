@@ -5,15 +5,14 @@ asked once per option, the options rotated by one each round; each round is one 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from typing import Any, Sequence
 
-from ..errors import UserError
 from . import runner
+from .io import read_tsv
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
+COLUMNS = ("index", "question", "A", "B", "image")
 SINGLE_PRED_PROMPTS = {"en": "Answer with the option's letter from the given choices directly.",
                        "cn": "请直接回答选项字母。"}
 
@@ -21,18 +20,6 @@ SINGLE_PRED_PROMPTS = {"en": "Answer with the option's letter from the given cho
 def is_none(value: str | None) -> bool:
     """An empty cell, as pandas' NaN / 'nan' / 'none' are in LLaVA."""
     return value is None or value.strip() == "" or value.strip().lower() in ("nan", "none")
-
-
-def read_tsv(path: str) -> list[dict[str, str]]:
-    """The rows of an MMBench TSV (csv module; base64 images exceed its default field size)."""
-    csv.field_size_limit(sys.maxsize)
-    text = runner.read_text(path, "question file")
-    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
-    missing = [c for c in ("index", "question", "image", "A", "B") if rows and c not in rows[0]]
-    if not rows or missing:
-        raise UserError(f"{path}: expected an MMBench TSV with columns index, question, hint, A-D, image"
-                        + (f" (missing {', '.join(missing)})" if missing else " (no rows)"))
-    return rows
 
 
 def _index(value: str) -> Any:
@@ -62,7 +49,7 @@ def row_questions(row: dict[str, str], all_rounds: bool, suffix: str | None) -> 
 
 def read_questions(args: argparse.Namespace) -> list[runner.Question]:
     suffix = SINGLE_PRED_PROMPTS[args.lang] if args.single_pred_prompt else None
-    return [q for row in read_tsv(args.question_file) for q in row_questions(row, args.all_rounds, suffix)]
+    return [q for row in read_tsv(args.question_file, COLUMNS) for q in row_questions(row, args.all_rounds, suffix)]
 
 
 def _extra_arguments(parser: argparse.ArgumentParser) -> None:

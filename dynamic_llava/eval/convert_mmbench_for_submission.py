@@ -1,0 +1,92 @@
+"""MMBench upload file: `python -m dynamic_llava.eval.convert_mmbench_for_submission --annotation-file
+mmbench_dev.tsv --result-dir answers --upload-dir answers_upload --experiment NAME`.
+
+Reads `<result-dir>/<experiment>.jsonl` and writes `<upload-dir>/<experiment>.xlsx` like LLaVA: the
+annotation rows without hint / category / source / image / comment / l2-category, with a `prediction`
+column after the options. The .xlsx needs openpyxl, which is not a dependency: without it (or with
+`--format tsv`) a tab-separated `<experiment>.tsv` with the same columns is written instead. With
+circular answers (`--all-rounds`) the round-0 answer is used: its letters follow the annotation's order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..cli import run_command
+from ..errors import UserError
+from .io import read_jsonl, read_tsv, require_keys, write_text_atomic
+
+DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
+PREDICTION_POSITION = 6  # LLaVA's `cur_df.insert(6, 'prediction', None)`
+
+
+def submission_table(rows: list[dict[str, str]], results: list[dict]) -> list[list[str]]:
+    """Header and rows: the kept annotation columns with `prediction` inserted ("" where unanswered)."""
+    predictions = {str(r["question_id"]): r["text"] for r in results if r.get("round_id", 0) == 0}
+    columns = [c for c in rows[0] if c not in DROPPED]
+    columns.insert(min(PREDICTION_POSITION, len(columns)), "prediction")
+    table = [columns]
+    for row in rows:
+        table.append([predictions.get(row["index"], "") if c == "prediction" else row[c] or "" for c in columns])
+    return table
+
+
+def write_xlsx(path: Path, table: list[list[str]]) -> None:
+    from openpyxl import Workbook
+
+    workbook = Workbook()
+    for line in table:
+        workbook.active.append(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workbook.save(path)
+
+
+def write_tsv(path: Path, table: list[list[str]]) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter="\t", lineterminator="\n").writerows(table)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = read_tsv(args.annotation_file, ("index",))
+    src = Path(args.result_dir) / f"{args.experiment}.jsonl"
+    results = read_jsonl(src)
+    for index, result in enumerate(results):
+        require_keys(result, ("question_id", "text"), f"{src}:{index + 1}")
+    table = submission_table(rows, results)
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "xlsx" if importlib.util.find_spec("openpyxl") else "tsv"
+    if fmt == "xlsx" and not importlib.util.find_spec("openpyxl"):
+        raise UserError("--format xlsx needs openpyxl (pip install openpyxl); or use --format tsv")
+    dst = Path(args.upload_dir) / f"{args.experiment}.{fmt}"
+    (write_xlsx if fmt == "xlsx" else write_tsv)(dst, table)
+    missing = sum(line[table[0].index("prediction")] == "" for line in table[1:])
+    print(f"total results: {len(results)}, total questions: {len(rows)}, missing: {missing}")
+    print(f"wrote {dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotation-file", required=True, help="the MMBench TSV the questions came from")
+    parser.add_argument("--result-dir", required=True, help="folder of <experiment>.jsonl")
+    parser.add_argument("--upload-dir", required=True, help="folder to write the upload file to")
+    parser.add_argument("--experiment", required=True, help="answers file name without .jsonl")
+    parser.add_argument("--format", choices=["auto", "xlsx", "tsv"], default="auto",
+                        help="auto: xlsx if openpyxl is installed (not a dependency), else tsv")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
