@@ -155,53 +155,56 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
             if n + config.max_new_tokens > context:
                 raise UserError(f"prompt {i} is {n} tokens (images expanded); with max_new_tokens "
                                 f"{config.max_new_tokens} it exceeds the context length {context}")
-        prompt_batch = batch
         cache = model.new_cache(b)
         out = model.step(batch, cache, policy)
         prefill_seconds = time.perf_counter() - start
         _record_prefill(results, batch, out.keep, prefill_seconds)
 
+        # Rows of the running batch -> sample index; finished samples leave the batch (and the cache).
+        active = torch.arange(b)
         positions = batch.lengths.clone()
-        finished = torch.zeros(b, dtype=torch.bool)
         decode_start = time.perf_counter()
         for step_index in range(config.max_new_tokens):
             tokens = _sample(out.logits, config, generator)
-            for i, token in enumerate(tokens.tolist()):
-                if finished[i]:
-                    continue
+            still_running = []
+            for row, (i, token) in enumerate(zip(active.tolist(), tokens.tolist())):
                 trackers[i].add(token)
                 results[i].output_tokens += 1
-                if trackers[i].finish_reason is not None or step_index == config.max_new_tokens - 1:
-                    finished[i] = True
-                    _record_cache(results[i], cache, i, model.config.num_hidden_layers)
+                if trackers[i].finish_reason is None and step_index < config.max_new_tokens - 1:
+                    still_running.append(row)
+                    continue
+                results[i].decode_seconds = time.perf_counter() - decode_start
+                _record_cache(results[i], cache, row, model.config.num_hidden_layers)
+                if not config.use_cache:
+                    # The recomputed sequence re-decides every earlier output token (same predictor, same
+                    # inputs): its last step's view covers all fed tokens.
+                    fed = slice(results[i].prompt_tokens, results[i].prompt_tokens + results[i].output_tokens - 1)
+                    results[i].output_keep = out.keep[row, fed].tolist()
             yield [t.release() for t in trackers]
-            if bool(finished.all()):
+            if not still_running:
                 break
-            embeds = model.model.embed_tokens(tokens[:, None])
+            if len(still_running) < len(active):
+                rows = torch.tensor(still_running, device=tokens.device)
+                active, tokens, positions = active[still_running], tokens[rows], positions[rows]
+                cache.select(rows)
+                if not config.use_cache:
+                    batch = batch.select(rows)
             if config.use_cache:
                 out = model.step(model.embed_generated(tokens, positions), cache, policy)
                 decisions = out.keep[:, 0]
             else:
-                batch = _append_token(batch, embeds, positions)
-                cache = model.new_cache(b)
+                batch = _append_token(batch, model.model.embed_tokens(tokens[:, None]), positions)
+                cache = model.new_cache(len(active))
                 out = model.step(batch, cache, policy)
                 decisions = out.keep.gather(1, positions[:, None])[:, 0]
             positions = positions + 1
-            for i in (~finished).nonzero().flatten().tolist():
-                results[i].output_keep.append(bool(decisions[i]))
-        decode_seconds = time.perf_counter() - decode_start
+            for i, decision in zip(active.tolist(), decisions.tolist()):
+                results[i].output_keep.append(bool(decision))
 
-    for i, (result, tracker) in enumerate(zip(results, trackers)):
+    for result, tracker in zip(results, trackers):
         result.text = tracker.text
         result.token_ids = list(tracker.ids)
         result.finish_reason = tracker.finish_reason or "length"
-        result.decode_seconds = decode_seconds
-        if not config.use_cache:
-            # Without a cache the recomputed sequence re-decides every earlier output token (same
-            # predictor, same inputs): report the final step's view, which covers all fed tokens.
-            n_fed = len(result.output_keep)
-            start_slot = int(prompt_batch.lengths[i])
-            result.output_keep = out.keep[i, start_slot:start_slot + n_fed].tolist() if n_fed else []
         result.output_tokens_kept = sum(result.output_keep)
     return results
 

@@ -224,3 +224,21 @@ def test_bad_inputs(model, tokenizer, mixed_batch) -> None:
         generate(model, tokenizer, prompts[:1], images[:1], GenerationConfig(max_new_tokens=5000))
     with pytest.raises(UserError, match="max_new_tokens"):
         generate(model, tokenizer, prompts[:1], images[:1], GenerationConfig(max_new_tokens=0))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_samples_finishing_early_leave_the_batch_without_changing_the_others(
+        model, tokenizer, mixed_batch, use_cache: bool) -> None:
+    prompts, images = mixed_batch
+    free = generate(model, tokenizer, prompts, images, GenerationConfig(max_new_tokens=12, eos_token_id=-1))
+    # an EOS id that the first sample produces early and the others later or never
+    eos = free[0].token_ids[1]
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=eos, use_cache=use_cache)
+    batched = generate(model, tokenizer, prompts, images, config)
+    assert batched[0].finish_reason == "eos" and batched[0].output_tokens < 12
+    assert len({r.output_tokens for r in batched}) > 1, "samples should finish at different steps"
+    for prompt, image, together in zip(prompts, images, batched):
+        alone = generate(model, tokenizer, [prompt], [image], config)[0]
+        assert (together.token_ids, together.finish_reason) == (alone.token_ids, alone.finish_reason)
+        assert together.output_keep == alone.output_keep
+        assert together.kv_cache_bytes == alone.kv_cache_bytes

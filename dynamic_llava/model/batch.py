@@ -29,6 +29,11 @@ class TokenBatch:
     def is_last(self) -> torch.Tensor:
         return torch.arange(self.embeds.shape[1], device=self.lengths.device)[None, :] == (self.lengths - 1)[:, None]
 
+    def select(self, rows: torch.Tensor) -> "TokenBatch":
+        """Only these samples (batch rows)."""
+        return TokenBatch(self.embeds[rows], self.positions[rows], self.lengths[rows], self.kinds[rows],
+                          self.image_ids[rows])
+
     def gather(self, index: torch.Tensor, lengths: torch.Tensor, embeds: torch.Tensor) -> "TokenBatch":
         """The tokens at `index` [B, T'] (first `lengths` real), with `embeds` already gathered."""
         valid = torch.arange(index.shape[1], device=index.device)[None, :] < lengths[:, None]

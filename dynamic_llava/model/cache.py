@@ -59,6 +59,11 @@ class LayerKVCache:
         valid = torch.arange(end, device=k.device)[None, :] < (self.lengths + n_new)[:, None]
         return self.k[:, :, :end], self.v[:, :, :end], self.positions[:, :end], valid
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these samples (batch rows), e.g. when others finished generating."""
+        self.k, self.v = self.k[rows], self.v[rows]
+        self.positions, self.lengths = self.positions[rows], self.lengths[rows]
+
     def commit(self, n_kept: torch.Tensor) -> None:
         """Keep the first n_kept [B] of the entries just written (the rest are scratch)."""
         self.lengths = self.lengths + n_kept
@@ -71,6 +76,10 @@ class SparseKVCache:
                  device: torch.device, capacity: int = 0) -> None:
         self.layers = [LayerKVCache(batch_size, num_kv_heads, head_dim, dtype, device, capacity)
                        for _ in range(num_layers)]
+
+    def select(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select(rows)
 
     def __getitem__(self, index: int) -> LayerKVCache:
         return self.layers[index]
