@@ -34,7 +34,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import ask
-    from .bench import flops, prefill
+    from .bench import decode, flops, prefill
 
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("flops", help="prefill FLOPs: the paper's formula and an exact count (dense, sparse, FastV)")
     flops.add_arguments(p)
     p.set_defaults(handler=flops.run)
+    p = bench.add_parser("decode", help="decoding latency and KV bytes vs output length, with and without cache")
+    decode.add_arguments(p)
+    p.set_defaults(handler=decode.run)
     return parser
 
 

@@ -76,7 +76,7 @@ def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _append_token(batch: TokenBatch, embeds: torch.Tensor, positions: torch.Tensor) -> TokenBatch:
+def append_token(batch: TokenBatch, embeds: torch.Tensor, positions: torch.Tensor) -> TokenBatch:
     """The batch with one more generated token per sample ([B, 1, C] at positions [B])."""
     b, t, c = batch.embeds.shape
     slot = batch.lengths[:, None]
@@ -193,7 +193,7 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
                 out = model.step(model.embed_generated(tokens, positions), cache, policy)
                 decisions = out.keep[:, 0]
             else:
-                batch = _append_token(batch, model.model.embed_tokens(tokens[:, None]), positions)
+                batch = append_token(batch, model.model.embed_tokens(tokens[:, None]), positions)
                 cache = model.new_cache(len(active))
                 out = model.step(batch, cache, policy)
                 decisions = out.keep.gather(1, positions[:, None])[:, 0]

@@ -72,3 +72,21 @@ def test_exact_flops_match_an_operator_level_count_of_the_real_forward() -> None
             model.step(batch, model.new_cache(1), policy)
         expected = exact_prefill_flops(shape, plans[name], text, 576, causal=False)
         assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9), name
+
+
+def test_bench_decode_tiny_kv_grows_with_kept_tokens_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, plot = tmp_path / "decode.json", tmp_path / "decode.png"
+    assert main(["bench", "decode", "--shape", "tiny", "--dtype", "float32", "--lengths", "8,16",
+                 "--no-cache-lengths", "3", "--window", "4", "--json", str(out), "--plot", str(plot)]) == 0
+    result = json.loads(out.read_text())
+    dense, sparse = result["with_cache"]["dense"], result["with_cache"]["sparse"]
+    assert [p["output_tokens"] for p in dense] == [8, 16]
+    assert all(p["entries_check"] for p in dense + sparse)
+    # dense: every generated token adds one entry per layer; sparse: fewer (image and output tokens dropped)
+    per_token_dense = (dense[1]["kv_cache_bytes"] - dense[0]["kv_cache_bytes"]) / 8
+    per_token_sparse = (sparse[1]["kv_cache_bytes"] - sparse[0]["kv_cache_bytes"]) / 8
+    assert per_token_sparse < per_token_dense
+    assert all(s["kv_cache_bytes"] < d["kv_cache_bytes"] for d, s in zip(dense, sparse))
+    assert set(result["without_cache_seconds"]["sparse"]) == {"3"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "output_keep_rule" in result and "with KV cache" in capsys.readouterr().out
