@@ -26,11 +26,13 @@ from .shapes import SHAPES
 
 
 def _lengths(text: str) -> list[int]:
+    if not text:
+        return []
     try:
         values = sorted({int(x) for x in text.split(",") if x})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
-    if not values or values[0] < 1:
+    if values[0] < 1:
         raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
     return values
 
@@ -92,8 +94,8 @@ def uncached_decode_seconds(model: DynamicLlavaForCausalLM, inputs: Inputs, poli
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.window < 1:
-        raise UserError("--batch-size and --window must be >= 1")
+    if args.batch_size < 1 or args.window < 1 or not args.lengths:
+        raise UserError("--batch-size and --window must be >= 1, and --lengths not empty")
     plot = None
     if args.plot:
         try:
