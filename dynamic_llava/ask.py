@@ -96,12 +96,7 @@ def _summary(result: GenerationResult, model, conv_mode: str) -> dict:
         "sparse_layer": model.sparse_layer,
         "vision_keep_rate": model.sparse.vision_keep_rate if model.sparse.sparsify_vision else 1.0,
         "prompt_tokens": result.prompt_tokens,
-        "image_tokens": result.image_tokens,
-        "image_tokens_kept": result.image_tokens_kept,
-        "output_tokens": result.output_tokens,
-        "output_tokens_kept": result.output_tokens_kept,
-        "kv_cache_bytes": result.kv_cache_bytes,
-        "kv_cache_bytes_dense": result.kv_cache_bytes_dense,
+        **result.efficiency_stats(),
         "prefill_seconds": round(result.prefill_seconds, 4),
         "decode_seconds": round(result.decode_seconds, 4),
     }

@@ -52,6 +52,17 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
+    def efficiency_stats(self) -> dict[str, int]:
+        """Tokens kept and KV-cache bytes (with the dense figure), as reported by the CLI and runners."""
+        return {
+            "image_tokens": self.image_tokens,
+            "image_tokens_kept": self.image_tokens_kept,
+            "output_tokens": self.output_tokens,
+            "output_tokens_kept": self.output_tokens_kept,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "kv_cache_bytes_dense": self.kv_cache_bytes_dense,
+        }
+
 
 def as_prompt_list(input_ids: Sequence[Sequence[int]] | torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:

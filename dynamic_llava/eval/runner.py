@@ -203,12 +203,5 @@ def answer_line(question: Question, result: GenerationResult, model_id: str) -> 
         "text": result.text.strip(),
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
-        "metadata": {
-            "image_tokens": result.image_tokens,
-            "image_tokens_kept": result.image_tokens_kept,
-            "output_tokens": result.output_tokens,
-            "output_tokens_kept": result.output_tokens_kept,
-            "kv_cache_bytes": result.kv_cache_bytes,
-            "kv_cache_bytes_dense": result.kv_cache_bytes_dense,
-        },
+        "metadata": result.efficiency_stats(),
     }, ensure_ascii=False) + "\n"
