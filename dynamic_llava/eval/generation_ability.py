@@ -165,10 +165,7 @@ def evaluate_sample(model: DynamicLlavaForCausalLM, tokenizer, image_processor, 
         "teacher_forced_tokens_fed": len(keeps),
         "text": result.text,
         "meteor": meteor(result.text, sample["answer"]) if meteor is not None else None,
-        "output_tokens": result.output_tokens,
-        "output_tokens_kept": result.output_tokens_kept,
-        "kv_cache_bytes": result.kv_cache_bytes,
-        "kv_cache_bytes_dense": result.kv_cache_bytes_dense,
+        **result.efficiency_stats(),
     }
 
 
