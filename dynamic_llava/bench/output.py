@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ..eval.io import write_json_atomic
+
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write `data` to a sibling temp file, then rename it over `path` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    """Write `data` atomically (temp file, then rename) and say where."""
+    write_json_atomic(path, data, indent=2)
     print(f"wrote {path}")
