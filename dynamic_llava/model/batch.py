@@ -39,3 +39,8 @@ class TokenBatch:
         valid = torch.arange(index.shape[1], device=index.device)[None, :] < lengths[:, None]
         positions = torch.where(valid, self.positions.gather(1, index), PAD_POSITION)
         return TokenBatch(embeds, positions, lengths, self.kinds.gather(1, index), self.image_ids.gather(1, index))
+
+    def truncate(self, length: int) -> "TokenBatch":
+        """The first `length` slots of every sample."""
+        return TokenBatch(self.embeds[:, :length], self.positions[:, :length], self.lengths.clamp(max=length),
+                          self.kinds[:, :length], self.image_ids[:, :length])

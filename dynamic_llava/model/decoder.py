@@ -13,6 +13,7 @@ from torch import nn
 
 from .cache import LayerKVCache
 from .config import DynamicLlavaConfig
+from .masked_attention import masked_softmax_attention
 
 
 class RMSNorm(nn.Module):
@@ -78,14 +79,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                n_new: torch.Tensor, cache: LayerKVCache, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], RoPE applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                n_new: torch.Tensor, cache: LayerKVCache, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
         # Keys exactly these tokens, unpadded, in increasing position order: the mask is triangular.
         causal = key_mask is None and t > 1 and bool((cache.lengths == 0).all()) and bool((n_new == t).all())
         keys, values, key_positions, key_valid = cache.write(k, v, positions, n_new)
@@ -94,6 +100,15 @@ class Attention(nn.Module):
         else:
             mask = attention_mask(positions, key_positions, key_valid)
             out = _sdpa(q, keys, values, mask if key_mask is None else mask & key_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor | None,
+                      key_valid: torch.Tensor) -> torch.Tensor:
+        """Whole right-padded sequences, no cache. keep None: causal attention (right padding needs no
+        other mask for real tokens); else masked-softmax attention with the differentiable keep [B, T]."""
+        b, t, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
+        out = _sdpa(q, k, v, None) if keep is None else masked_softmax_attention(q, k, v, keep, key_valid)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -124,4 +139,10 @@ class DecoderLayer(nn.Module):
         key_mask [B, 1, T, S], if given, further restricts which keys each query sees.
         """
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, n_new, cache, key_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor | None,
+                      key_valid: torch.Tensor) -> torch.Tensor:
+        """Training / masked view: see Attention.forward_train."""
+        x = x + self.self_attn.forward_train(self.input_layernorm(x), cos, sin, keep, key_valid)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -19,9 +19,11 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
-from ..constants import IMAGE_TOKEN_INDEX
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..errors import UserError
 from .batch import IMAGE, OUTPUT, PAD_POSITION, TEXT, TokenBatch
 from .cache import SparseKVCache
@@ -30,6 +32,7 @@ from .decoder import DecoderLayer, RMSNorm, RotaryEmbedding
 from .policy import DensePolicy, DynamicLlavaPolicy, TokenPolicy
 from .predictors import ImageScorePredictor, TokenScorePredictor, init_predictor_weights
 from .projector import build_projector
+from .sparsity_training import SparsityTraining, decide
 from .vision import CLIPVisionTower
 
 
@@ -56,6 +59,7 @@ class DynamicLlavaModel(nn.Module):
         self.output_text_score_predictor = TokenScorePredictor(config.hidden_size, sparse.d_model)
         if sparse.use_instruct_predictor:
             self.instruct_score_predictor = TokenScorePredictor(config.hidden_size, sparse.d_model)
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
 
 
 class DynamicLlavaForCausalLM(PreTrainedModel):
@@ -68,6 +72,8 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         super().__init__(config)
         self.model = DynamicLlavaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # None: the training forward is dense LLaVA; set by sparsification training (train_sparse).
+        self.sparsity_training: SparsityTraining | None = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -82,6 +88,18 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
 
     # ----------------------------------------------------------------- configuration
     @property
@@ -227,25 +245,107 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
     def forward_masked(self, input_ids: Sequence[Sequence[int] | torch.Tensor],
                        images: Sequence[torch.Tensor | None] | None = None,
                        policy: TokenPolicy | None = None) -> StepOutput:
-        """Like `forward_full` but nothing is removed: from sparse_layer on, dropped tokens are hidden
-        as keys (each token still sees itself) — the training-time view of the same decisions."""
+        """Like `forward_full` but nothing is removed: from sparse_layer on, the policy's dropped tokens
+        are hidden as keys by the training-time masked softmax (each token still sees itself)."""
         policy = policy or self.default_policy()
         batch = self.embed(input_ids, images)
-        cache = self.new_cache(batch.embeds.shape[0])
-        k = self.sparse_layer
-        h = batch.embeds
-        cos, sin = self.model.rotary(batch.positions, h.dtype)
-        keep = batch.valid
-        for index, (layer, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
-            key_mask = None
-            if index >= k:
-                if index == k:
-                    keep = policy.select(h, batch) & batch.valid
-                eye = torch.eye(h.shape[1], dtype=torch.bool, device=h.device)
-                key_mask = (keep[:, None, :] | eye)[:, None]
-            h = layer(h, cos, sin, batch.positions, batch.lengths, layer_cache, key_mask)
-            layer_cache.commit(batch.lengths)
+        h = self._train_layers(batch, 0, self.sparse_layer, None)
+        keep = policy.select(h, batch) & batch.valid
+        h = self._train_layers(batch, self.sparse_layer, len(self.model.layers), keep.to(h.dtype), h)
         return StepOutput(self.lm_head(self.model.norm(h)), keep)
+
+    # ----------------------------------------------------------------- training
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                images: Sequence[torch.Tensor | None] | torch.Tensor | None = None) -> TrainingOutput:
+        """Training forward (what `Trainer` calls): right-padded `input_ids` [B, T] with IMAGE_TOKEN_INDEX
+        placeholders, `labels` aligned with them, per-sample `images` -> loss.
+
+        Dense LLaVA training by default; with `sparsity_training` set, Dynamic-LLaVA's masked view
+        (SPEC 2.3): sampled keep decisions at sparse_layer, masked softmax in the later layers, and
+        loss = LM loss + mask_loss_weight x keep-rate regulariser.
+        """
+        ids, label_rows = _unpad(input_ids, labels, attention_mask)
+        batch = self.embed(ids, _per_sample_images(images, ids))
+        expanded = _expand_labels(batch, ids, label_rows)
+        max_length = getattr(self.config, "tokenizer_model_max_length", None)
+        if max_length and batch.embeds.shape[1] > max_length:
+            batch, expanded = batch.truncate(max_length), expanded[:, :max_length]
+        k = self.sparse_layer
+        h = self._train_layers(batch, 0, k, None)
+        sparse = self.sparse
+        decisions = None
+        if self.sparsity_training is not None and k < len(self.model.layers):
+            decisions = decide(h, batch, expanded, sparse, self.model.image_score_predictor,
+                               self.model.output_text_score_predictor, self.sparsity_training.tau)
+        keep = decisions.keep if decisions is not None else None
+        h = self._train_layers(batch, k, len(self.model.layers), keep, h)
+        logits = self.lm_head(self.model.norm(h))
+        targets = expanded[:, 1:].masked_fill(~batch.valid[:, 1:], IGNORE_INDEX)
+        n_targets = (targets != IGNORE_INDEX).sum()
+        # Summed then divided: a batch whose answers were all truncated away gives 0, not NaN.
+        lm_loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum") / n_targets.clamp(min=1)
+        if decisions is None:
+            return TrainingOutput(loss=lm_loss, logits=logits, lm_loss=lm_loss.detach())
+        loss = lm_loss + sparse.mask_loss_weight * decisions.mask_loss
+        return TrainingOutput(loss=loss, logits=logits, lm_loss=lm_loss.detach(), **decisions.stats)
+
+    def _train_layers(self, batch: TokenBatch, start: int, stop: int, keep: torch.Tensor | None,
+                      h: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers start..stop-1 over whole sequences without a cache (activation checkpointing if enabled)."""
+        h = batch.embeds if h is None else h
+        cos, sin = self.model.rotary(batch.positions, h.dtype)
+        valid = batch.valid
+        for layer in self.model.layers[start:stop]:
+            if self.model.gradient_checkpointing and self.training:
+                h = checkpoint(layer.forward_train, h, cos, sin, keep, valid, use_reentrant=False)
+            else:
+                h = layer.forward_train(h, cos, sin, keep, valid)
+        return h
+
+
+@dataclass
+class TrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    vision_mask_loss: torch.Tensor | None = None
+    output_mask_loss: torch.Tensor | None = None
+    vision_keep: torch.Tensor | None = None  # actual kept fraction of image tokens
+    output_keep: torch.Tensor | None = None  # actual kept fraction of eligible answer tokens
+
+
+def _unpad(input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None
+           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rows = range(input_ids.shape[0])
+    if attention_mask is None:
+        ids = [input_ids[i] for i in rows]
+    else:
+        ids = [input_ids[i][attention_mask[i].bool()] for i in rows]
+    if labels is None:
+        return ids, [torch.full_like(x, IGNORE_INDEX) for x in ids]
+    if attention_mask is None:
+        return ids, [labels[i] for i in rows]
+    return ids, [labels[i][attention_mask[i].bool()] for i in rows]
+
+
+def _per_sample_images(images: Sequence[torch.Tensor | None] | torch.Tensor | None,
+                       ids: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Accept LLaVA's stacked [B, 3, H, W] (one image per sample that has a placeholder) or a list."""
+    if images is None:
+        return [None] * len(ids)
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return [images[i:i + 1] if bool((x == IMAGE_TOKEN_INDEX).any()) else None for i, x in enumerate(ids)]
+    return [None if img is None else (img[None] if img.dim() == 3 else img) for img in images]
+
+
+def _expand_labels(batch: TokenBatch, ids: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    """Labels aligned with the embedded batch: image tokens and padding are IGNORE_INDEX."""
+    expanded = torch.full(batch.kinds.shape, IGNORE_INDEX, dtype=torch.long, device=batch.kinds.device)
+    text_slots = (batch.kinds == TEXT) & batch.valid  # row-major, so samples' text tokens come in order
+    values = torch.cat([y[x != IMAGE_TOKEN_INDEX] for x, y in zip(ids, labels)]).to(expanded.device)
+    return expanded.masked_scatter(text_slots, values)
 
 
 def _right_pad(embeds: list[torch.Tensor], kinds: list[torch.Tensor], image_ids: list[torch.Tensor]) -> TokenBatch:

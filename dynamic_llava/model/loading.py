@@ -19,12 +19,12 @@ from .config import DynamicLlavaConfig
 from .convert import (
     HF, LLAVA, CheckpointParts, CLIPImageProcessor, StateDict, build_clip, check_keys, convert_checkpoint, empty_init,
     is_predictor_key, iter_shards, llava_names, load_clip, load_image_processor, open_tokenizer,
-    read_checkpoint_config, read_state_file, resolve_local, resolve_vision_tower, write_llava_checkpoint,
+    read_checkpoint_config, read_json, read_state_file, resolve_local, resolve_vision_tower, write_llava_checkpoint,
 )
 from .llava import DynamicLlavaForCausalLM
 from .vision import CLIPVisionTower
 
-__all__ = ["convert_checkpoint", "load_pretrained_model", "save_pretrained_llava"]
+__all__ = ["convert_checkpoint", "load_base_llm", "load_pretrained_model", "save_pretrained_llava"]
 
 # ----------------------------------------------------------------------------- dtype, tokenizer, processor
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -165,6 +165,45 @@ def load_pretrained_model(
     model.eval()
     context_len = getattr(config, "max_sequence_length", None) or config.max_position_embeddings or 2048
     return tokenizer, model, image_processor, int(context_len)
+
+
+_BASE_LLM_TYPES = ("llama", "mistral")
+
+
+def load_base_llm(llm_path: str | Path, vision_tower: str, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | str | None = None, **mm_config: Any
+                  ) -> tuple[PreTrainedTokenizerBase, DynamicLlavaForCausalLM, CLIPImageProcessor]:
+    """A plain LLaMA-family LLM (e.g. Vicuna) plus a CLIP tower as an untrained LLaVA, the start of stage-1
+    pre-training: LLM weights loaded, projector and predictors freshly initialised. `mm_config` sets
+    LLaVA config keys (`mm_projector_type`, `mm_vision_select_layer`, `sparse_config`, ...)."""
+    device = torch.device(device)
+    path = resolve_local(llm_path, "base LLM")
+    raw = read_json(path / "config.json")
+    if raw.get("model_type") not in _BASE_LLM_TYPES:
+        raise UserError(f"{path}: model_type {raw.get('model_type')!r} is not a plain LLaMA-family LLM "
+                        f"({', '.join(_BASE_LLM_TYPES)}); LLaVA checkpoints are loaded with load_pretrained_model")
+    tower_path = resolve_vision_tower(vision_tower)
+    clip = load_clip(tower_path, device, torch.float32)
+    llm_keys = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "auto_map")}
+    tower_name = str(tower_path) if Path(vision_tower).expanduser().is_dir() else vision_tower
+    config = DynamicLlavaConfig(**{**llm_keys, **mm_config, "mm_vision_tower": tower_name,
+                                   "mm_hidden_size": clip.config.hidden_size})
+    config._name_or_path = str(path)
+    torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
+    with empty_init(device, torch_dtype):
+        model = DynamicLlavaForCausalLM(config)
+    loader = _WeightLoader(model)
+    for shard in iter_shards(path):
+        loader.load(shard)
+    fresh = ("model.mm_projector.", "model.vision_tower.")
+    missing = [k for k in model.state_dict() if not k.startswith(fresh) and not is_predictor_key(k)
+               and k not in loader.found]
+    if missing:
+        raise UserError(f"{path} lacks LLM weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.model.mm_projector.apply(model._init_weights)
+    model.reinit_predictors()
+    _attach_tower(model, clip.to(torch_dtype))
+    return load_tokenizer(path, config), model, load_image_processor(tower_path)
 
 
 def save_pretrained_llava(model: DynamicLlavaForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,

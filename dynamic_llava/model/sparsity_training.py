@@ -1,0 +1,99 @@
+"""Training-time token decisions (SPEC 2.3): hard Gumbel-Softmax with a straight-through gradient, and
+the keep-rate regulariser.
+
+At the input of `sparse_layer` every image token, and every token of a sample's last assistant answer
+when that answer has at least `output_text_len_for_training` tokens, gets a sampled 0/1 keep decision
+whose gradient flows back to the predictor (through the masked-softmax attention of the later layers).
+Everything else is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..constants import IGNORE_INDEX
+from .batch import IMAGE, TokenBatch
+from .config import SparseConfig
+from .policy import image_token_index
+from .predictors import ImageScorePredictor, TokenScorePredictor
+
+
+@dataclass
+class SparsityTraining:
+    """Switches the model's training forward to Dynamic-LLaVA's masked view; `tau` is the current Gumbel
+    temperature (the trainer lowers it every optimiser step, see `gumbel_tau`)."""
+
+    tau: float = 1.0
+
+
+def gumbel_tau(step: int, total_steps: int, start: float, end: float) -> float:
+    """Exponential decay from `start` (step 0) to `end` (step total_steps)."""
+    return start * (end / start) ** (min(step, total_steps) / max(total_steps, 1))
+
+
+def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """logits [..., 2] (index 0 = keep) -> keep [...] exactly 0/1 forward, soft Gumbel-Softmax gradient."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    gumbels = -torch.empty_like(log_probs).exponential_().log()
+    soft = F.softmax((log_probs + gumbels) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+    return (hard - soft.detach() + soft)[..., 0]
+
+
+def last_answer_mask(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, T] -> bool [B, T]: the last contiguous run of supervised tokens of each sample."""
+    supervised = labels != IGNORE_INDEX
+    t = labels.shape[1]
+    slots = torch.arange(t, device=labels.device).expand_as(labels)
+    last = torch.where(supervised, slots, -1).amax(1, keepdim=True)  # last supervised slot (-1: none)
+    # start of that run: one past the last unsupervised slot before it
+    gap = torch.where(~supervised & (slots < last), slots, -1).amax(1, keepdim=True)
+    return supervised & (slots > gap) & (slots <= last)
+
+
+@dataclass
+class TrainingDecisions:
+    keep: torch.Tensor | None  # [B, T] 0/1 with straight-through gradient; None: nothing is decided
+    mask_loss: torch.Tensor  # unweighted regulariser: vision term + output-text term
+    stats: dict[str, torch.Tensor]  # detached scalars for logging
+
+
+def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse: SparseConfig,
+           image_predictor: ImageScorePredictor, output_text_predictor: TokenScorePredictor,
+           tau: float) -> TrainingDecisions:
+    """Sample the keep decisions for the hidden states [B, T, C] entering sparse_layer."""
+    keep = batch.valid.to(torch.float32)
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    mask_loss, stats, decided = zero, {}, False
+    is_image = batch.kinds == IMAGE
+    if sparse.sparsify_vision and bool((is_image & batch.valid).any()):
+        samples, slots = image_token_index(batch)
+        image_keep = gumbel_keep(image_predictor(hidden[samples, slots]), tau)  # [n_images, N]
+        keep = keep.index_put((samples, slots), image_keep)
+        owner = samples[:, 0]
+        kept = zero.new_zeros(batch.lengths.shape).index_add(0, owner, image_keep.sum(1))
+        total = zero.new_zeros(batch.lengths.shape).index_add(0, owner, image_keep.new_full(owner.shape, slots.shape[1]))
+        has_image = total > 0
+        fraction = kept[has_image] / total[has_image]
+        vision_loss = ((sparse.vision_keep_rate - fraction) ** 2).mean()
+        mask_loss = mask_loss + vision_loss
+        stats.update(vision_mask_loss=vision_loss.detach(), vision_keep=fraction.mean().detach())
+        decided = True
+    if sparse.sparsify_output_text:
+        answer = last_answer_mask(labels) & batch.valid
+        eligible = answer.sum(1) >= max(sparse.output_text_len_for_training, 1)
+        answer &= eligible[:, None]
+        if bool(answer.any()):
+            answer_keep = gumbel_keep(output_text_predictor(hidden[answer]), tau)
+            keep = keep.masked_scatter(answer, answer_keep)
+            owner = answer.nonzero()[:, 0]
+            kept = zero.new_zeros(batch.lengths.shape).index_add(0, owner, answer_keep)
+            fraction = kept[eligible] / answer.sum(1)[eligible]
+            output_loss = ((sparse.output_text_keep_rate - fraction) ** 2).mean()
+            mask_loss = mask_loss + output_loss
+            stats.update(output_mask_loss=output_loss.detach(), output_keep=fraction.mean().detach())
+            decided = True
+    return TrainingDecisions(keep if decided else None, mask_loss, stats)

@@ -1,0 +1,131 @@
+"""The training forward (what Trainer calls): dense LLaVA loss and Dynamic-LLaVA's masked view."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.model.sparsity_training import SparsityTraining, gumbel_keep, gumbel_tau, last_answer_mask
+
+
+@pytest.fixture()
+def model(tiny_llava_dir):
+    _, model, _, _ = load_pretrained_model(tiny_llava_dir)
+    model.set_sparse(output_text_len_for_training=4)
+    return model.train()
+
+
+def _batch():
+    """Sample 0: image + 6-token answer; sample 1: text only, 3-token answer, one padding slot."""
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, 8, 9, 10, 11, 12, 13, 2],
+                        [1, 5, 6, 7, 8, 9, 10, 11, 2, 0, 0]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 5:] = ids[0, 5:]
+    labels[1, 6:9] = ids[1, 6:9]
+    mask = ids != 0
+    images = [torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0)), None]
+    return ids, labels, mask, images
+
+
+def test_dense_loss_is_the_shifted_cross_entropy_of_forward_full(model) -> None:
+    ids, labels, mask, images = _batch()
+    out = model(ids, labels, mask, images)
+    model.eval()
+    with torch.no_grad():
+        full = model.forward_full([ids[0], ids[1][mask[1]]], images, policy=_dense()).logits
+    # sample 0 expands to 10 text + 576 image tokens; its labels sit on the text tokens after the image
+    n_img = 576
+    logits0 = full[0, : 10 + n_img]
+    target0 = torch.full((10 + n_img,), IGNORE_INDEX)
+    target0[4 + n_img:] = ids[0, 5:]
+    logits1, target1 = full[1, :9], labels[1, :9]
+    ce = F.cross_entropy(torch.cat([logits0[:-1], logits1[:-1]]), torch.cat([target0[1:], target1[1:]]),
+                         ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, ce, rtol=1e-4, atol=1e-4)
+    assert out.vision_keep is None  # dense: nothing decided
+
+
+def _dense():
+    from dynamic_llava.model.policy import DensePolicy
+    return DensePolicy()
+
+
+def test_sparse_forward_trains_predictors_not_the_tower(model) -> None:
+    ids, labels, mask, images = _batch()
+    model.sparsity_training = SparsityTraining(tau=1.0)
+    torch.manual_seed(0)
+    out = model(ids, labels, mask, images)
+    assert out.vision_mask_loss is not None and out.output_mask_loss is not None
+    assert 0.0 < float(out.vision_keep) < 1.0
+    expected = out.lm_loss + 100.0 * (out.vision_mask_loss + out.output_mask_loss)
+    torch.testing.assert_close(out.loss.detach(), expected)
+    out.loss.backward()
+    for predictor in (model.model.image_score_predictor, model.model.output_text_score_predictor):
+        grads = [p.grad for p in predictor.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+
+
+def test_short_answers_get_no_output_decisions(model) -> None:
+    ids, labels, mask, images = _batch()
+    model.set_sparse(output_text_len_for_training=50)
+    model.sparsity_training = SparsityTraining(tau=1.0)
+    out = model(ids, labels, mask, images)
+    assert out.output_mask_loss is None and out.vision_mask_loss is not None
+
+
+def test_truncated_away_answer_gives_a_finite_zero_lm_loss(model) -> None:
+    ids, labels, mask, images = _batch()
+    model.config.tokenizer_model_max_length = 100  # cuts sample 0 inside its image; sample 1 kept whole
+    labels[1] = IGNORE_INDEX
+    model.sparsity_training = SparsityTraining(tau=0.5)
+    out = model(ids, labels, mask, images)
+    assert out.logits.shape[1] == 100
+    assert float(out.lm_loss) == 0.0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model) -> None:
+    ids, labels, mask, images = _batch()
+    model.sparsity_training = SparsityTraining(tau=1.0)
+    torch.manual_seed(1)
+    model(ids, labels, mask, images).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.model.gradient_checkpointing
+    torch.manual_seed(1)
+    model(ids, labels, mask, images).loss.backward()
+    for name, grad in plain.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gumbel_keep_is_hard_with_a_soft_gradient() -> None:
+    logits = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    torch.manual_seed(0)
+    keep = gumbel_keep(logits, tau=1.0)
+    assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}
+    keep.sum().backward()
+    assert logits.grad.abs().sum() > 0
+    # with logits strongly for "keep" (index 0) almost everything is kept
+    assert gumbel_keep(torch.tensor([[5.0, -5.0]]).expand(1000, 2), 1.0).mean() > 0.95
+
+
+def test_tau_schedule_is_exponential() -> None:
+    assert gumbel_tau(0, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert gumbel_tau(50, 100, 1.0, 0.1) == pytest.approx(0.1 ** 0.5)
+    assert gumbel_tau(100, 100, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_last_answer_mask_picks_the_last_supervised_run() -> None:
+    x = IGNORE_INDEX
+    labels = torch.tensor([[x, 4, 5, x, x, 6, 7, 8, x], [x, x, x, x, x, x, x, x, x], [3, 3, x, x, x, x, x, x, 9]])
+    mask = last_answer_mask(labels)
+    assert mask[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 0]
+    assert not mask[1].any()
+    assert mask[2].tolist() == [0] * 8 + [1]
