@@ -1,0 +1,1 @@
+"""Training: the supervised data pipeline, the modality-grouped sampler and the trainer."""
