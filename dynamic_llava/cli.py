@@ -1,4 +1,4 @@
-"""`dynamic-llava <command>`: ask, make-tiny, convert, bench. Bad input: one message, exit code 2."""
+"""`dynamic-llava <command>`: ask, make-tiny, convert, train, bench. Bad input: one message, exit code 2."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.train import train
+
+    trainer = train(args.flags, sparse=args.mode == "sparse")
+    print(f"trained model written to {trainer.args.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import ask
     from .bench import decode, flops, prefill
@@ -45,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("make-tiny", help="write a small random checkpoint in a real on-disk layout")
     p.add_argument("out")
-    p.add_argument("--format", choices=["llava", "hf"], default="llava")
+    p.add_argument("--format", choices=["llava", "hf", "llm"], default="llava",
+                   help="llm: a plain LLaMA (stage-1 pre-training start) with a CLIP tower in out/vision_tower")
     p.add_argument("--no-predictors", action="store_true", help="plain LLaVA-1.5 (no predictor weights)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_make_tiny)
@@ -55,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--to", choices=["hf", "llava"], required=True)
     p.set_defaults(handler=_convert)
+
+    p = commands.add_parser("train", help="train: `sparse` = Dynamic-LLaVA sparsification (train_sparse), "
+                            "`llava` = the LLaVA stages (train_mem); the flags are the seeds' (--help lists them)",
+                            add_help=False)
+    p.add_argument("mode", choices=["sparse", "llava"])
+    p.add_argument("flags", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_train)
 
     bench = commands.add_parser("bench", help="efficiency benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("prefill", help="prefill / decode latency and KV bytes: ours dense, sparse, transformers")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
 from ..errors import UserError
@@ -51,7 +51,8 @@ def _seeded_init(model: nn.Module, seed: int) -> None:
 
 def make_tiny_checkpoint(out_dir: str | Path, fmt: str = "llava", predictors: bool = True, seed: int = 0,
                          **size_overrides: Any) -> Path:
-    """Write a tiny random checkpoint: LLaVA layout (`fmt="llava"`) or llava-hf (`fmt="hf"`).
+    """Write a tiny random checkpoint: LLaVA layout (`fmt="llava"`), llava-hf (`fmt="hf"`), or a plain
+    LLaMA LLM saved by transformers (`fmt="llm"`, the Vicuna of stage-1 pre-training).
 
     The LLaVA layout has the CLIP tower in `out_dir/vision_tower` (336 px, patch 14: 576 image tokens),
     referenced by absolute path from `mm_vision_tower`, and the 1000-token tiny tokenizer. The LLM has
@@ -60,12 +61,14 @@ def make_tiny_checkpoint(out_dir: str | Path, fmt: str = "llava", predictors: bo
     predictor weights and `sparse_config` (a plain LLaVA-1.5 checkpoint). Deterministic for a seed.
     """
     out = Path(out_dir)
+    if fmt == "llm":
+        return _make_tiny_base_llm(out, seed, **size_overrides)
     if fmt == "hf":
         with tempfile.TemporaryDirectory() as tmp:
             source = make_tiny_checkpoint(Path(tmp) / "llava", "llava", predictors, seed, **size_overrides)
             return convert_checkpoint(source, out, to="hf")
     if fmt != "llava":
-        raise UserError(f"unknown checkpoint format {fmt!r} (llava, hf)")
+        raise UserError(f"unknown checkpoint format {fmt!r} (llava, hf, llm)")
     sparse_keys = {f.name for f in dataclasses.fields(SparseConfig)}
     sparse = {**_TINY_SPARSE, **{k: v for k, v in size_overrides.items() if k in sparse_keys}}
     overrides = {k: v for k, v in size_overrides.items() if k not in sparse_keys}
@@ -80,4 +83,21 @@ def make_tiny_checkpoint(out_dir: str | Path, fmt: str = "llava", predictors: bo
         train_tiny_tokenizer(Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         save_pretrained_llava(model, tokenizer, out, predictors=predictors)
+    return out
+
+
+def _make_tiny_base_llm(out: Path, seed: int, **size_overrides: Any) -> Path:
+    """A transformers `LlamaForCausalLM` folder with the tiny tokenizer, plus a CLIP tower to pair it with
+    in `out/vision_tower` (pass it as --vision_tower)."""
+    llm_keys = set(LlamaConfig().to_dict())
+    sizes = {k: v for k, v in {**_TINY_CONFIG, **size_overrides}.items() if k in llm_keys}
+    config = LlamaConfig(**sizes, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    with no_init_weights():
+        model = LlamaForCausalLM(config)
+    _seeded_init(model, seed)
+    model.save_pretrained(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tiny_tokenizer(Path(tmp))
+        AutoTokenizer.from_pretrained(tmp, local_files_only=True).save_pretrained(out)
+    write_tiny_clip_tower(out / "vision_tower", seed=seed)
     return out

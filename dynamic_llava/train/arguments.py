@@ -1,0 +1,98 @@
+"""Command-line arguments of the training entry points, with the flag names and defaults of LLaVA's
+`train.py` and Dynamic-LLaVA's `train_sparse.py` (each field is a `--flag` through HfArgumentParser).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+from ..errors import UserError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "LLaVA / Dynamic-LLaVA checkpoint, or a plain LLaMA-family "
+                                              "LLM (Vicuna) for stage-1 pre-training"})
+    version: str = field(default="v0", metadata={"help": "conversation template (v0, v1, plain, mpt, llama_2, ...)"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP tower: local folder or cached Hub id"})
+    mm_vision_select_layer: int = field(default=-1, metadata={"help": "CLIP hidden layer used as image features"})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})
+    mm_projector_type: str = field(default="linear", metadata={"help": "linear, mlp{N}x_gelu or identity"})
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "wrap image tokens in <im_start>/<im_end>"})
+    mm_use_im_patch_token: bool = field(default=True, metadata={"help": "add the <im_patch> token (LLaVA v0)"})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "only flat (LLaVA-1.5)"})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
+
+
+@dataclass
+class SparseArguments:
+    """Dynamic-LLaVA's switches (SPEC 2.1 / 2.3); the defaults are the paper's."""
+
+    use_vision_predictor: bool = field(default=True, metadata={"help": "learn which image tokens to keep"})
+    use_text_predictor: bool = field(default=True, metadata={"help": "allow text sparsification at all"})
+    use_output_text_predictor: bool = field(default=True, metadata={"help": "learn which answer tokens to keep"})
+    use_instruct_predictor: bool = field(default=False, metadata={"help": "instruction-text predictor (ablation; "
+                                                                    "not supported in training)"})
+    vision_keep_rate: float = field(default=0.2, metadata={"help": "target kept fraction of image tokens"})
+    output_text_keep_rate: float = field(default=0.5, metadata={"help": "target kept fraction of answer tokens"})
+    output_text_len_for_training: int = field(default=50, metadata={"help": "answers shorter than this keep all "
+                                                                           "tokens and add no regulariser term"})
+    sparse_layer: int = field(default=2, metadata={"help": "first decoder layer that sees the reduced token set"})
+    mask_loss_weight: float = field(default=100.0, metadata={"help": "weight of the keep-rate regulariser"})
+    gumbel_start_tau: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at step 0"})
+    gumbel_end_tau: float = field(default=0.1, metadata={"help": "temperature at the last step (exponential decay)"})
+
+    def sparse_config(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in (
+            "use_vision_predictor", "use_text_predictor", "use_output_text_predictor", "use_instruct_predictor",
+            "vision_keep_rate", "output_text_keep_rate", "output_text_len_for_training", "sparse_layer",
+            "mask_loss_weight")}
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    model_max_length: int = field(default=512, metadata={"help": "sequences are truncated to this many tokens"})
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
+    predictor_lr: float | None = field(default=None, metadata={"help": "learning rate of the Dynamic-LLaVA "
+                                                                       "predictors (default: learning_rate)"})
+    predictor_weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the predictors"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality each"})
+    lora_enable: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM (peft)"})
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_weight_path: str = field(default="")
+    lora_bias: str = field(default="none")
+    bits: int = field(default=16, metadata={"help": "only 16 (bf16 / fp16 / fp32) is supported"})
+    cache_dir: str | None = field(default=None)
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "warmup as a fraction of all steps "
+                                                                       "(old name; --warmup_steps takes a ratio too)"})
+
+    def __post_init__(self) -> None:
+        # Flags transformers 5 renamed, as the seeds' scripts spell them.
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if not 0.0 <= self.warmup_ratio < 1.0:
+                raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.tf32 and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8):
+            warnings.warn("--tf32 needs an Ampere or newer GPU; ignored here", stacklevel=2)
+            self.tf32 = None
+        if (self.bf16 or self.fp16) and not torch.cuda.is_available():
+            self.use_cpu = True  # transformers only accepts mixed precision on CPU when told so explicitly
+        if self.bits != 16:
+            raise UserError("--bits 4/8 (bitsandbytes quantised training) is not supported; use --bits 16")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise UserError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
+        super().__post_init__()
