@@ -73,8 +73,9 @@ def _sparse_args(work: Path, out: Path, *extra: str) -> list[str]:
 def test_sparsification_training_learns_the_keep_rates(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "sparse"
     before = load_file(work / "llava" / "model.safetensors")
-    trainer = train(_sparse_args(work, out, "--num_train_epochs", "3", "--gradient_checkpointing", "True"),
-                    sparse=True)
+    trainer = train(_sparse_args(work, out, "--num_train_epochs", "3", "--gradient_checkpointing", "True",
+                                 "--report_to", "tensorboard"), sparse=True)
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # offline TensorBoard logs
     logs = [entry for entry in trainer.state.log_history if "vision_keep" in entry]
     assert len(logs) == trainer.state.max_steps == 24  # 16 image samples (text-only ones filtered), batch 2
     # the regulariser pulls the actual keep rates toward the targets
@@ -175,6 +176,41 @@ def test_the_seed_command_parses_with_its_meaning(work: Path, tmp_path: Path) ->
     assert sparse_args.vision_keep_rate == 0.2 and sparse_args.output_text_keep_rate == 0.5
     assert sparse_args.output_text_len_for_training == 50 and sparse_args.mask_loss_weight == 100.0
     assert data_args.requires_image and model_args.mm_projector_type == "mlp2x_gelu"
+
+
+_FAKE_DEEPSPEED = """#!{python}
+# Stands in for the `deepspeed` launcher (not installable here): runs the module in this process,
+# without the --deepspeed config. Everything else on the script's command line reaches the trainer.
+import runpy, sys
+args = sys.argv[1:]
+assert args[0] == "--module", args
+module, rest = args[1], args[2:]
+if "--deepspeed" in rest:
+    i = rest.index("--deepspeed")
+    del rest[i:i + 2]
+sys.argv = [module, *rest]
+runpy.run_module(module, run_name="__main__")
+"""
+
+
+def test_the_seed_script_runs(work: Path, tmp_path: Path) -> None:
+    """scripts/train_dynamic_llava_7b.sh with its paths filled in, two steps on the tiny model."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "deepspeed"
+    launcher.write_text(_FAKE_DEEPSPEED.format(python=sys.executable))
+    launcher.chmod(0o755)
+    out = tmp_path / "seed"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODEL_PATH": str(work / "llava"),
+           "DATA_PATH": str(work / "data.json"), "IMAGE_FOLDER": str(work / "img"),
+           "VISION_TOWER": str(work / "llava" / "vision_tower"), "OUTPUT_DIR": str(out), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(["bash", "scripts/train_dynamic_llava_7b.sh", "--max_steps", "2",
+                             "--per_device_train_batch_size", "2", "--report_to", "none",
+                             "--dataloader_num_workers", "0"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, model, _, _ = load_pretrained_model(out)
+    assert model.sparse.vision_keep_rate == 0.2 and model.sparse.output_text_len_for_training == 50
 
 
 @pytest.mark.parametrize("broken, message", [

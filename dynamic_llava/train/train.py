@@ -134,6 +134,10 @@ def main(argv: Sequence[str] | None = None, sparse: bool = False) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        # A process group left to interpreter shutdown can abort the process (gloo on CPU does).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
