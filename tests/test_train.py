@@ -231,12 +231,33 @@ def test_two_process_gloo_run_writes_the_same_kind_of_checkpoint(work: Path, tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", "29531", "-m", "dynamic_llava.train.train_sparse",
-               *_sparse_args(work, out, "--max_steps", "2", "--ddp_backend", "gloo")]
+               *_sparse_args(work, out, "--max_steps", "2")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es), MULTI_CPU" in result.stderr  # DDP, not two lone processes
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert state["epoch"] == pytest.approx(0.5)  # 2 ranks x batch 2 x 2 steps = half of the 16 image samples
+    _, model, _, _ = load_pretrained_model(out)
+    assert model.sparse.output_text_len_for_training == 8
+
+
+def test_deepspeed_zero3_two_processes(work: Path, tmp_path: Path) -> None:
+    """The seeds' engine: DeepSpeed ZeRO-3 (CPU accelerator, gloo) under torchrun, full weights gathered on save."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero3"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}  # DeepSpeed compiles its CPU comm op here
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", "29533", "-m", "dynamic_llava.train.train_sparse",
+               *_sparse_args(work, out, "--max_steps", "2", "--bf16", "True", "--mm_use_im_patch_token", "False",
+                             "--deepspeed", str(ROOT / "scripts" / "zero3.json"))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es), DEEPSPEED" in result.stderr
+    before, after = load_file(work / "llava" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}  # not partitions
+    assert any(not torch.equal(after[k].float(), before[k].float()) for k in before if "score_predictor" in k)
     _, model, _, _ = load_pretrained_model(out)
     assert model.sparse.output_text_len_for_training == 8

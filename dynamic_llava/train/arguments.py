@@ -89,8 +89,10 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.tf32 and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8):
             warnings.warn("--tf32 needs an Ampere or newer GPU; ignored here", stacklevel=2)
             self.tf32 = None
-        if (self.bf16 or self.fp16) and not torch.cuda.is_available():
-            self.use_cpu = True  # transformers only accepts mixed precision on CPU when told so explicitly
+        if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+            # Without it transformers neither accepts bf16 on CPU nor sets up DDP under torchrun: each
+            # process would silently train alone.
+            self.use_cpu = True
         if self.bits != 16:
             raise UserError("--bits 4/8 (bitsandbytes quantised training) is not supported; use --bits 16")
         if self.lora_bias not in ("none", "all", "lora_only"):

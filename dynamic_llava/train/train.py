@@ -10,7 +10,9 @@ distribution is the Trainer's. Bad input fails with one message (exit code 2) be
 
 from __future__ import annotations
 
+import gc
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,6 +73,7 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
         model=trained, args=training_args, processing_class=tokenizer, core_model=model,
         lengths=data_module["train_dataset"].modality_lengths, **data_module)
     trainer.add_callback(GumbelTemperature(model, sparse_args.gumbel_start_tau, sparse_args.gumbel_end_tau))
+    _report_parallelism(trainer)
     trainer.train(resume_from_checkpoint=_resume_point(training_args))
     trainer.save_state()
     out = Path(training_args.output_dir)
@@ -81,6 +84,17 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
     else:
         trainer.save_model(str(out))
     return trainer
+
+
+def _report_parallelism(trainer: DynamicLlavaTrainer) -> None:
+    """Say how the run is distributed (launchers can silently fall back to something else)."""
+    distributed_type = trainer.accelerator.distributed_type
+    if trainer.args.fsdp and distributed_type.name != "FSDP":
+        warnings.warn(f"--fsdp was given but accelerate runs {distributed_type.name} here (it enables FSDP only on "
+                      "GPU-like devices); training continues without sharding", stacklevel=2)
+    if trainer.args.should_log:
+        print(f"training on {trainer.args.world_size} process(es), {distributed_type.name}, "
+              f"device {trainer.args.device}", file=sys.stderr)
 
 
 def _resume_point(training_args: TrainingArguments) -> str | bool | None:
@@ -135,8 +149,11 @@ def main(argv: Sequence[str] | None = None, sparse: bool = False) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        # A process group left to interpreter shutdown can abort the process (gloo on CPU does).
+        # A gloo process group left to interpreter shutdown can abort the process after a finished run:
+        # wait for every rank, drop the Trainer's references to the group, then destroy it.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            gc.collect()
             torch.distributed.destroy_process_group()
     return 0
 
