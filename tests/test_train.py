@@ -226,12 +226,21 @@ def test_missing_inputs_fail_fast_with_one_message(work: Path, tmp_path: Path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_two_process_gloo_run_writes_the_same_kind_of_checkpoint(work: Path, tmp_path: Path) -> None:
+_LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                 "127.0.0.1", "--master_port", "29531", "-m"],
+    # the multi-GPU launcher runs on the CPU when there is no GPU (its --cpu mode wants an MPI hostfile)
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", "29532", "-m"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(_LAUNCHERS))
+def test_two_process_gloo_run_writes_the_same_kind_of_checkpoint(work: Path, tmp_path: Path, launcher: str) -> None:
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", "29531", "-m", "dynamic_llava.train.train_sparse",
-               *_sparse_args(work, out, "--max_steps", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    command = [*_LAUNCHERS[launcher], "dynamic_llava.train.train_sparse", *_sparse_args(work, out, "--max_steps", "2")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training on 2 process(es), MULTI_CPU" in result.stderr  # DDP, not two lone processes
