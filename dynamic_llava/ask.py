@@ -18,14 +18,8 @@ from .errors import UserError
 from .generation import GenerationConfig, GenerationResult, stream_generate
 from .mm_utils import get_model_name_from_path, load_images
 from .prompting import infer_conv_mode, prepare_request
+from .sparsity_options import add_sparsity_arguments, sparsity_overrides
 from .visualize import kept_patches_overlay
-
-
-def keep_rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--num-beams", type=int, default=1, help="only 1 (greedy / sampling) is supported")
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--vision-keep-rate", type=keep_rate, default=None, help="override the checkpoint's rate")
-    parser.add_argument("--no-sparse", action="store_true", help="dense LLaVA-1.5 (no token dropping)")
+    add_sparsity_arguments(parser)
     parser.add_argument("--no-cache", action="store_true", help="decode without KV cache (recompute each step)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -64,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, device=device, dtype=args.dtype,
-        sparse=False if args.no_sparse else None, vision_keep_rate=None if args.no_sparse else args.vision_keep_rate)
+        **sparsity_overrides(args))
     conv_mode = args.conv_mode or infer_conv_mode(get_model_name_from_path(args.model_path))
     request = prepare_request(args.query, images, tokenizer, image_processor, model.config, conv_mode)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -52,6 +52,22 @@ def test_ask_vision_keep_rate_and_no_sparse(tiny_llava_dir: Path, capsys: pytest
     assert dense["kv_cache_bytes"] == dense["kv_cache_bytes_dense"]
 
 
+def test_ask_with_baseline_policies(tiny_llava_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(_ask(tiny_llava_dir, "--json", "--vision-policy", "fastv", "--sparse-layer", "3",
+                     "--vision-keep-rate", "0.1", "--output-policy", "structure")) == 0
+    fastv = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fastv["image_tokens_kept"] == 57
+    assert main(_ask(tiny_llava_dir, "--json", "--vision-policy", "random", "--no-output-sparsity")) == 0
+    random_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert random_run["image_tokens_kept"] == 115
+    assert main(_ask(tiny_llava_dir, "--json", "--no-sparse")) == 0
+    dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert random_run["output_tokens_kept"] == dense["output_tokens_kept"]  # every generated token kept
+    with pytest.raises(SystemExit) as exit_info:
+        main(_ask(tiny_llava_dir, "--vision-policy", "h2o"))
+    assert exit_info.value.code == 2
+
+
 def test_ask_streams_plain_text_and_run_llava_agrees(tiny_llava_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(_ask(tiny_llava_dir)) == 0
     plain = capsys.readouterr().out

@@ -40,7 +40,7 @@ from ..model.cache import SparseKVCache
 from ..model.config import DynamicLlavaConfig
 from ..model.decoder import RMSNorm, RotaryEmbedding
 from ..model.llava import DynamicLlavaForCausalLM, StepOutput
-from ..model.policy import DensePolicy, DynamicLlavaPolicy, TokenPolicy
+from ..model.policy import AttentionProbe, DensePolicy, DynamicLlavaPolicy, TokenPolicy
 from ..model.vision import CLIPVisionTower
 from .flops import exact_prefill_flops, paper_formula_flops
 from .flops import schedules as flops_schedules
@@ -246,9 +246,9 @@ class _Recorder:
         self.policy = policy
         self.hidden: list[torch.Tensor] = []
 
-    def select(self, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    def select(self, hidden: torch.Tensor, batch: TokenBatch, probe: AttentionProbe | None = None) -> torch.Tensor:
         self.hidden.append(hidden[(batch.kinds == OUTPUT) & batch.valid])
-        return self.policy.select(hidden, batch)
+        return self.policy.select(hidden, batch, probe)
 
 
 @torch.no_grad()

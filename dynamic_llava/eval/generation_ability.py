@@ -25,6 +25,7 @@ from ..generation import GenerationConfig, generate
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.policy import TokenPolicy
 from ..prompting import prepare_request
+from ..sparsity_options import sparsity_overrides
 from .io import read_jsonl, require_keys, write_json_atomic
 
 
@@ -114,7 +115,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..ask import keep_rate
+    from ..sparsity_options import add_sparsity_arguments
 
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)
@@ -123,8 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="json with per-sample and aggregated results")
     parser.add_argument("--conv-mode", default="llava_v1")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
-    parser.add_argument("--vision-keep-rate", type=keep_rate, default=None, help="override the checkpoint's rate")
-    parser.add_argument("--no-sparse", action="store_true", help="only the dense run")
+    add_sparsity_arguments(parser, no_sparse_help="only the dense run")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, device=device, dtype=args.dtype,
-        sparse=False if args.no_sparse else None, vision_keep_rate=None if args.no_sparse else args.vision_keep_rate)
+        **sparsity_overrides(args))
     modes = ["dense"] if args.no_sparse else ["sparse", "dense"]
     per_mode: dict[str, list[dict]] = {}
     for mode in modes:

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..generation import GenerationConfig, GenerationResult, generate
 from ..mm_utils import get_model_name_from_path
 from ..prompting import prepare_request
+from ..sparsity_options import sparsity_overrides
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ class Question:
 
 def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """LLaVA's evaluation flags (underscore and dash spellings), plus sparsity, device and batching."""
-    from ..ask import keep_rate
+    from ..sparsity_options import add_sparsity_arguments
 
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)
@@ -59,8 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
                         default=max_new_tokens)
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1)
-    parser.add_argument("--vision-keep-rate", type=keep_rate, default=None, help="override the checkpoint's rate")
-    parser.add_argument("--no-sparse", action="store_true", help="dense LLaVA-1.5 (no token dropping)")
+    add_sparsity_arguments(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, read_questions: Callable[[argparse.Namespace],
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, device=device, dtype=args.dtype,
-        sparse=False if args.no_sparse else None, vision_keep_rate=None if args.no_sparse else args.vision_keep_rate)
+        **sparsity_overrides(args))
     model_id = get_model_name_from_path(args.model_path)
     with answers_file.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="questions") as progress:
         for start in range(0, len(todo), args.batch_size):

@@ -15,6 +15,10 @@ from transformers import PretrainedConfig
 from ..errors import UserError
 
 
+VISION_RULES = ("predictor", "fastv", "random")  # how image tokens are ranked (policy.py)
+OUTPUT_RULES = ("predictor", "random", "structure")  # how generated tokens are kept
+
+
 @dataclass
 class SparseConfig:
     """Dynamic-LLaVA switches and sizes (SPEC 2.1); saved as `config.sparse_config`."""
@@ -34,6 +38,11 @@ class SparseConfig:
     dim_feedforward: int = 2048
     num_layers: int = 2
     mask_loss_weight: float = 100.0
+    # Inference-time ranking rules (see policy.py): the learned predictors by default; FastV / random /
+    # structure reproduce the paper's baselines in the same engine.
+    vision_policy: str = "predictor"  # one of VISION_RULES
+    output_policy: str = "predictor"  # one of OUTPUT_RULES
+    policy_seed: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "SparseConfig":
@@ -71,6 +80,10 @@ class SparseConfig:
                 raise UserError(f"{name} must be in (0, 1], got {rate}")
         if self.sparse_layer < 1:
             raise UserError(f"sparse_layer must be >= 1, got {self.sparse_layer}")
+        if self.vision_policy not in VISION_RULES:
+            raise UserError(f"vision_policy must be one of {', '.join(VISION_RULES)}, got {self.vision_policy!r}")
+        if self.output_policy not in OUTPUT_RULES:
+            raise UserError(f"output_policy must be one of {', '.join(OUTPUT_RULES)}, got {self.output_policy!r}")
 
 
 # LLaMA keys kept in config.json, with LLaMA-7B defaults.

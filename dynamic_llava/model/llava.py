@@ -29,7 +29,7 @@ from .batch import IMAGE, OUTPUT, PAD_POSITION, TEXT, TokenBatch
 from .cache import SparseKVCache
 from .config import DynamicLlavaConfig, SparseConfig
 from .decoder import DecoderLayer, RMSNorm, RotaryEmbedding
-from .policy import DensePolicy, DynamicLlavaPolicy, TokenPolicy
+from .policy import AttentionProbe, DensePolicy, DynamicLlavaPolicy, TokenPolicy
 from .predictors import ImageScorePredictor, TokenScorePredictor, init_predictor_weights
 from .projector import build_projector
 from .sparsity_training import SparsityTraining, decide
@@ -208,10 +208,13 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         k = self.sparse_layer
         h = batch.embeds
         cos, sin = self.model.rotary(batch.positions, h.dtype)
+        probe_input = h
         for layer, layer_cache in zip(self.model.layers[:k], cache.layers[:k]):
+            probe_input = h
             h = layer(h, cos, sin, batch.positions, batch.lengths, layer_cache)
             layer_cache.commit(batch.lengths)
-        keep = policy.select(h, batch) & batch.valid if k < len(self.model.layers) else batch.valid
+        probe = self._attention_probe(probe_input, batch, cos, sin)
+        keep = policy.select(h, batch, probe) & batch.valid if k < len(self.model.layers) else batch.valid
         processed = keep | (batch.is_last & batch.valid)
         # Processed tokens first, in their original order; kept ones precede a dropped last token.
         order = torch.sort((~processed).to(torch.int8), dim=1, stable=True).indices
@@ -235,6 +238,14 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         last = h[torch.arange(h.shape[0], device=h.device), n_processed - 1]
         return StepOutput(self.lm_head(last), keep)
 
+    def _attention_probe(self, layer_input: torch.Tensor, batch: TokenBatch, cos: torch.Tensor,
+                         sin: torch.Tensor) -> AttentionProbe:
+        """FastV's signal at layer sparse_layer - 1 (whose input is `layer_input`), computed only if asked.
+
+        Covers the tokens of this forward: the prompt, when image tokens are being ranked at prefill."""
+        layer = self.model.layers[self.sparse_layer - 1]
+        return lambda: layer.last_token_attention(layer_input, cos, sin, batch.positions, batch.lengths)
+
     def forward_full(self, input_ids: Sequence[Sequence[int] | torch.Tensor],
                      images: Sequence[torch.Tensor | None] | None = None,
                      policy: TokenPolicy | None = None) -> StepOutput:
@@ -249,8 +260,10 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         are hidden as keys by the training-time masked softmax (each token still sees itself)."""
         policy = policy or self.default_policy()
         batch = self.embed(input_ids, images)
-        h = self._train_layers(batch, 0, self.sparse_layer, None)
-        keep = policy.select(h, batch) & batch.valid
+        probe_input = self._train_layers(batch, 0, self.sparse_layer - 1, None)
+        h = self._train_layers(batch, self.sparse_layer - 1, self.sparse_layer, None, probe_input)
+        cos, sin = self.model.rotary(batch.positions, h.dtype)
+        keep = policy.select(h, batch, self._attention_probe(probe_input, batch, cos, sin)) & batch.valid
         h = self._train_layers(batch, self.sparse_layer, len(self.model.layers), keep.to(h.dtype), h)
         return StepOutput(self.lm_head(self.model.norm(h)), keep)
 
