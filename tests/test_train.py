@@ -139,6 +139,20 @@ def test_llava_stages_pretrain_finetune_and_lora(work: Path, tmp_path: Path) -> 
         assert (merged.forward_full(ids).logits - base.forward_full(ids).logits).abs().max() > 1e-3
 
 
+def test_unfrozen_vision_tower_trains_and_travels_with_the_checkpoint(work: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tower"
+    tower_dir = work / "llm" / "vision_tower"
+    train(["--model_name_or_path", str(work / "llm"), "--vision_tower", str(tower_dir), "--version", "v1",
+           *_common(work, out), "--learning_rate", "1e-3", "--max_steps", "2", "--unfreeze_mm_vision_tower", "True"])
+    assert json.loads((out / "config.json").read_text())["mm_vision_tower"] == "vision_tower"
+    _, model, _, _ = load_pretrained_model(out, sparse=False)
+    trained, original = model.model.vision_tower.vision_tower.state_dict(), load_clip(tower_dir).state_dict()
+    assert trained.keys() == original.keys()
+    assert any(not torch.equal(trained[k], original[k]) for k in original)
+    assert main(["--model_name_or_path", str(work / "llm"), "--vision_tower", str(tower_dir),
+                 *_common(work, tmp_path / "x"), "--unfreeze_mm_vision_tower", "True", "--lora_enable", "True"]) == 2
+
+
 def test_resume_from_checkpoint_continues_exactly(work: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = lambda out: _sparse_args(work, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")  # noqa: E731

@@ -10,7 +10,8 @@ from ..errors import UserError
 
 
 class CLIPVisionTower(nn.Module):
-    """Holds the CLIP model as `.vision_tower` (LLaVA's attribute path); frozen, never saved with the LLM."""
+    """Holds the CLIP model as `.vision_tower` (LLaVA's attribute path); frozen unless a training run
+    unfreezes it, and then saved as a CLIP folder inside the checkpoint."""
 
     def __init__(self, clip: CLIPVisionModel, select_layer: int = -2, select_feature: str = "patch") -> None:
         super().__init__()
@@ -34,10 +35,12 @@ class CLIPVisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.vision_tower.parameters()).dtype
 
-    @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [n, 3, H, W] -> features [n, N(+1), mm_hidden_size] in the tower's dtype."""
-        device = next(self.vision_tower.parameters()).device
-        out = self.vision_tower(pixel_values.to(device=device, dtype=self.dtype), output_hidden_states=True)
+        """pixel_values [n, 3, H, W] -> features [n, N(+1), mm_hidden_size] in the tower's dtype.
+
+        No graph is kept unless the tower itself is being trained (--unfreeze_mm_vision_tower)."""
+        first = next(self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and first.requires_grad):
+            out = self.vision_tower(pixel_values.to(device=first.device, dtype=first.dtype), output_hidden_states=True)
         features = out.hidden_states[self.select_layer]
         return features[:, 1:] if self.select_feature == "patch" else features

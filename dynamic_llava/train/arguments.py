@@ -28,6 +28,9 @@ class ModelArguments:
     mm_use_im_patch_token: bool = field(default=True, metadata={"help": "add the <im_patch> token (LLaVA v0)"})
     mm_patch_merge_type: str = field(default="flat", metadata={"help": "only flat (LLaVA-1.5)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={
+        "help": "train the vision tower too (LLaVA-NeXT's flag; for towers without CLIP pre-training); it is "
+                "then saved inside the checkpoint as vision_tower/"})
 
 
 @dataclass

@@ -104,7 +104,8 @@ def _add_image_tokens(model: DynamicLlavaForCausalLM, tokenizer: PreTrainedToken
 
 def set_trainable(model: DynamicLlavaForCausalLM, model_args: ModelArguments, training_args: TrainingArguments,
                   sparse: bool) -> None:
-    """requires_grad per LLaVA's stages; the vision tower never trains, the predictors only when sparse."""
+    """requires_grad per LLaVA's stages; the vision tower only with --unfreeze_mm_vision_tower, the
+    predictors only when sparse."""
     model.requires_grad_(not model_args.freeze_backbone)
     model.model.mm_projector.requires_grad_(True)
     if model_args.tune_mm_mlp_adapter:
@@ -116,7 +117,7 @@ def set_trainable(model: DynamicLlavaForCausalLM, model_args: ModelArguments, tr
         if is_predictor_key(name):
             param.requires_grad_(sparse)
     if model.model.vision_tower is not None:
-        model.model.vision_tower.requires_grad_(False)
+        model.model.vision_tower.requires_grad_(model_args.unfreeze_mm_vision_tower)
 
 
 def add_lora(model: DynamicLlavaForCausalLM, training_args: TrainingArguments) -> torch.nn.Module:

@@ -56,6 +56,9 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
     _check_reporting(training_args)
     if training_args.lora_enable and model_args.tune_mm_mlp_adapter:
         raise UserError("--lora_enable and --tune_mm_mlp_adapter exclude each other (stage 1 trains the projector)")
+    if model_args.unfreeze_mm_vision_tower and (training_args.lora_enable or model_args.tune_mm_mlp_adapter):
+        raise UserError("--unfreeze_mm_vision_tower needs a full-model run (its output carries the tower), "
+                        "not --lora_enable or --tune_mm_mlp_adapter")
 
     model, tokenizer, image_processor = build_model(model_args, training_args, data_args.image_aspect_ratio,
                                                     sparse_args if sparse else None)
@@ -71,6 +74,7 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
     trained = add_lora(model, training_args) if training_args.lora_enable else model
     trainer = DynamicLlavaTrainer(
         model=trained, args=training_args, processing_class=tokenizer, core_model=model,
+        image_processor=image_processor,
         lengths=data_module["train_dataset"].modality_lengths, **data_module)
     trainer.add_callback(GumbelTemperature(model, sparse_args.gumbel_start_tau, sparse_args.gumbel_end_tau))
     _report_parallelism(trainer)

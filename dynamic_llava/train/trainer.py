@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from ..model.convert import is_predictor_key, save_state_dict, save_tokenizer
+from ..model.convert import CLIPImageProcessor, is_predictor_key, save_clip_tower, save_state_dict, save_tokenizer
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.sparsity_training import gumbel_tau
 from .sampler import ModalityLengthGroupedSampler
@@ -56,9 +56,10 @@ class SparsityProgress(ProgressCallback):
 
 class DynamicLlavaTrainer(Trainer):
     def __init__(self, *args: Any, core_model: DynamicLlavaForCausalLM, lengths: list[int] | None = None,
-                 **kwargs: Any) -> None:
+                 image_processor: CLIPImageProcessor | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.core_model = core_model  # the model under any peft / DDP / DeepSpeed wrapper
+        self.image_processor = image_processor  # written with the tower when the tower is trained
         self.modality_lengths = lengths
         self._stat_sums: dict[str, float] = defaultdict(float)
         self._stat_counts: dict[str, int] = defaultdict(int)
@@ -142,6 +143,14 @@ class DynamicLlavaTrainer(Trainer):
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.core_model.state_dict()
+        tower = self.core_model.model.vision_tower
+        if tower is not None and any(p.requires_grad for p in tower.parameters()):
+            # a trained tower travels inside the checkpoint, referenced relatively
+            prefix = _VISION_TOWER + "vision_tower."
+            save_clip_tower(tower.vision_tower.config, {k[len(prefix):]: v for k, v in state.items()
+                                                        if k.startswith(prefix)},
+                            self.image_processor, out / "vision_tower")
+            self.core_model.config.mm_vision_tower = "vision_tower"
         state = {k: v.contiguous() for k, v in state.items() if not k.startswith(_VISION_TOWER)}
         sparse = self.core_model.sparsity_training is not None
         if not sparse:  # a dense LLaVA: no predictor weights, no sparse_config
