@@ -1,4 +1,4 @@
-"""`dynamic-llava <command>`: ask, make-tiny, convert, train, bench. Bad input: one message, exit code 2."""
+"""`dynamic-llava <command>`: ask, make-tiny, convert, train, bench, data. Bad input: one message, exit code 2."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import ask
     from .bench import decode, flops, prefill
+    from .data import synth
 
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("decode", help="decoding latency and KV bytes vs output length, with and without cache")
     decode.add_arguments(p)
     p.set_defaults(handler=decode.run)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data", required=True)
+    p = data.add_parser("synth", help="the synthetic shapes benchmark: LLaVA training JSON and evaluation files")
+    synth.add_arguments(p)
+    p.set_defaults(handler=synth.run)
     return parser
 
 

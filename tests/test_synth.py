@@ -1,0 +1,283 @@
+"""The synthetic shapes benchmark: determinism, disjoint splits, answers correct by construction, and the
+files read by the training data pipeline, the runners and the scorers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dynamic_llava.cli import main as cli_main
+from dynamic_llava.constants import IGNORE_INDEX
+from dynamic_llava.data import score_synth
+from dynamic_llava.data.descriptions import description
+from dynamic_llava.data.questions import SHORT_ANSWER_TYPES
+from dynamic_llava.data.scenes import (
+    MARGIN,
+    SPLITS,
+    Scene,
+    SceneObject,
+    scene_from_dict,
+    split_of,
+)
+from dynamic_llava.data.synth import SHORT_ANSWER_SUFFIX, SynthConfig, write_dataset
+from dynamic_llava.eval import eval_pope, model_vqa_loader
+from dynamic_llava.eval.generation_ability import read_samples
+from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.train.dataset import DataArguments, LazySupervisedDataset
+from dynamic_llava.train.preprocess import PromptFormat
+
+CONFIG = SynthConfig(seed=0, n_train=24, n_val=6, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _generate(tmp_path_factory.mktemp("synth") / "a", CONFIG)
+
+
+def _generate(out: Path, config: SynthConfig) -> Path:
+    write_dataset(config, out)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _scenes(root: Path, split: str) -> dict[str, Scene]:
+    return {row["image"]: scene_from_dict(row) for row in _jsonl(root / split / "scenes.jsonl")}
+
+
+# ----------------------------------------------------------------------------- determinism, splits
+def test_same_seed_same_bytes_other_seed_differs(data: Path, tmp_path: Path) -> None:
+    again = _files(_generate(tmp_path / "b", CONFIG))
+    assert again == _files(data)
+    other = _files(_generate(tmp_path / "c", SynthConfig(seed=1, n_train=24, n_val=6, n_test=8)))
+    assert other.keys() == again.keys()
+    assert other["train/instruct.json"] != again["train/instruct.json"]
+    assert other["images/test/000000.png"] != again["images/test/000000.png"]
+    assert not list(tmp_path.glob(".*partial"))  # the temporary folder was renamed into place
+
+
+def test_splits_share_no_scene(data: Path) -> None:
+    images, keys, texts = {}, {}, {}
+    for split in SPLITS:
+        scenes = _scenes(data, split)
+        assert len(scenes) == CONFIG.scenes(split)
+        assert all(split_of(s.key) == split for s in scenes.values())
+        images[split] = {hashlib.sha256((data / "images" / name).read_bytes()).hexdigest() for name in scenes}
+        keys[split] = {s.key for s in scenes.values()}
+        texts[split] = {description(s) for s in scenes.values()}
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not images[a] & images[b] and not keys[a] & keys[b] and not texts[a] & texts[b]
+
+
+# ----------------------------------------------------------------------------- answers by construction
+def _resolve(scene: Scene, words: str) -> list[SceneObject]:
+    """The objects matching a description such as "small red", "red circle" or "large blue square"."""
+    wanted = words.split()
+    return [o for o in scene.objects if all(w in (o.size, o.colour, o.shape) for w in wanted)]
+
+
+def _one(scene: Scene, words: str) -> SceneObject:
+    found = _resolve(scene, words)
+    assert len(found) == 1, f"{words!r} does not name exactly one object of {scene.key}"
+    return found[0]
+
+
+def _side(a: SceneObject, b: SceneObject, axis: str) -> str:
+    delta = (b.x - a.x) if axis == "x" else (b.y - a.y)
+    assert abs(delta) >= MARGIN, "a relation asked between objects too close on that axis"
+    if axis == "x":
+        return "left" if delta > 0 else "right"
+    return "above" if delta > 0 else "below"
+
+
+def recompute(scene: Scene, question: str) -> str:
+    """The answer to a generated question, derived from the scene spec independently of the generator."""
+    q = question.removesuffix("\n" + SHORT_ANSWER_SUFFIX)
+    if m := re.fullmatch(r"What color is the (.+)\?", q):
+        return _one(scene, m[1]).colour
+    if m := re.fullmatch(r"What shape is the (.+) object\?", q):
+        return _one(scene, m[1]).shape
+    if m := re.fullmatch(r"Is the (.+) small or large\?", q):
+        return _one(scene, m[1]).size
+    if q == "How many objects are there in the image?":
+        return str(len(scene.objects))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", q):
+        return str(sum(o.colour == m[1] for o in scene.objects))
+    if m := re.fullmatch(r"How many (\w+)s are there\?", q):
+        return str(sum(o.shape == m[1] for o in scene.objects))
+    if m := re.fullmatch(r"Is the (.+) on the left or the right of the (.+)\?", q):
+        return _side(_one(scene, m[1]), _one(scene, m[2]), "x")
+    if m := re.fullmatch(r"Is the (.+) above or below the (.+)\?", q):
+        return _side(_one(scene, m[1]), _one(scene, m[2]), "y")
+    if m := re.fullmatch(r"Is the (.+) to the (left|right) of the (.+)\?", q):
+        return "yes" if _side(_one(scene, m[1]), _one(scene, m[3]), "x") == m[2] else "no"
+    if m := re.fullmatch(r"Is the (.+) (above|below) the (.+)\?", q):
+        return "yes" if _side(_one(scene, m[1]), _one(scene, m[3]), "y") == m[2] else "no"
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q):
+        return "yes" if _resolve(scene, f"{m[1]} {m[2]}") else "no"
+    raise AssertionError(f"unrecognised question {q!r}")
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_answers_are_correct_by_construction(data: Path, split: str) -> None:
+    scenes = _scenes(data, split)
+    questions = _jsonl(data / split / "questions.jsonl")
+    answers = _jsonl(data / split / "answers.jsonl")
+    assert [q["question_id"] for q in questions] == [a["question_id"] for a in answers]
+    assert {q["category"] for q in questions} == set(SHORT_ANSWER_TYPES)
+    for q, a in zip(questions, answers):
+        assert q["category"] == a["category"]
+        assert q["text"].endswith("\n" + SHORT_ANSWER_SUFFIX)
+        assert recompute(scenes[q["image"]], q["text"]) == a["answer"], q
+
+
+def test_training_answers_are_correct_by_construction(data: Path) -> None:
+    scenes = _scenes(data, "train")
+    instruct = json.loads((data / "train" / "instruct.json").read_text())
+    assert len(instruct) == CONFIG.n_train
+    described = 0
+    for sample in instruct:
+        scene, turns = scenes[sample["image"]], sample["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            question = human["value"].removeprefix("<image>\n")
+            if question.endswith(SHORT_ANSWER_SUFFIX):
+                assert recompute(scene, question) == gpt["value"]
+            else:
+                assert gpt["value"] == description(scene)
+                described += 1
+    assert 0 < described < len(instruct)
+    pretrain = json.loads((data / "train" / "pretrain.json").read_text())
+    for sample in pretrain:
+        human, gpt = sample["conversations"]
+        assert human == {"from": "human", "value": "<image>"}
+        assert all(o.name in gpt["value"] for o in scenes[sample["image"]].objects)
+
+
+def test_pope_files_and_adversarial_negatives(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pope = data / "test" / "pope"
+    questions = _jsonl(pope / "questions.jsonl")
+    scenes = _scenes(data, "test")
+    for kind in ("random", "popular", "adversarial"):
+        labels = _jsonl(pope / f"coco_pope_{kind}.json")
+        assert [row["question_id"] for row in labels] == [q["question_id"] for q in questions if q["category"] == kind]
+        assert sum(row["label"] == "yes" for row in labels) == len(labels) // 2  # an even number of scenes
+        for row in labels:
+            scene = scenes[row["image"]]
+            assert recompute(scene, row["text"]) == row["label"]
+            if kind == "adversarial" and row["label"] == "no":
+                colour, shape = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", row["text"]).groups()
+                assert any(o.colour == colour or o.shape == shape for o in scene.objects)
+    # eval_pope reads the layout: answering every label right gives F1 = 1 in each category
+    results = tmp_path / "results.jsonl"
+    by_id = {row["question_id"]: row["label"] for kind in ("random", "popular", "adversarial")
+             for row in _jsonl(pope / f"coco_pope_{kind}.json")}
+    results.write_text("".join(json.dumps({"question_id": q["question_id"], "text": by_id[q["question_id"]].title()})
+                               + "\n" for q in questions))
+    assert eval_pope.main(["--annotation-dir", str(pope), "--question-file", str(pope / "questions.jsonl"),
+                           "--result-file", str(results)]) == 0
+    assert capsys.readouterr().out.splitlines().count("F1 score: 1.0000") == 3
+
+
+def test_stats_and_majority_baseline(data: Path) -> None:
+    stats = json.loads((data / "stats.json").read_text())
+    assert stats["config"]["n_test"] == CONFIG.n_test
+    test_answers = _jsonl(data / "test" / "answers.jsonl")
+    for category in SHORT_ANSWER_TYPES:
+        row = stats["majority_baseline_test"][category]
+        asked = [a for a in test_answers if a["category"] == category]
+        assert stats["splits"]["test"]["questions"][category] == len(asked) == row["questions"]
+        assert row["accuracy"] == sum(a["answer"] == row["answer"] for a in asked) / len(asked)
+
+
+# ----------------------------------------------------------------------------- consumers of the files
+@pytest.fixture(scope="module")
+def loaded(tiny_llava_dir: Path):
+    return load_pretrained_model(tiny_llava_dir, device="cpu", dtype="float32")
+
+
+def test_descriptions_are_long(data: Path, loaded) -> None:
+    tokenizer = loaded[0]
+    samples = read_samples(str(data / "test" / "describe.jsonl"), str(data / "images"), None)
+    assert len(samples) == CONFIG.n_test
+    for sample in samples:
+        assert len(sample["answer"].split()) >= 60
+        assert len(tokenizer(sample["answer"], add_special_tokens=False).input_ids) >= 60
+
+
+@pytest.mark.parametrize("name, version", [("instruct.json", "v1"), ("pretrain.json", "plain")])
+def test_training_json_loads_and_labels_cover_the_answers(data: Path, loaded, name: str, version: str) -> None:
+    tokenizer, _, image_processor, _ = loaded
+    args = DataArguments(data_path=str(data / "train" / name), is_multimodal=True, image_folder=str(data / "images"))
+    dataset = LazySupervisedDataset(tokenizer, args, image_processor, PromptFormat(version), 2048)
+    records = json.loads((data / "train" / name).read_text())
+    for index in range(3):
+        item = dataset[index]
+        assert item["images"].shape[0] == 1
+        runs, current = [], []
+        for label in item["labels"].tolist() + [IGNORE_INDEX]:
+            if label != IGNORE_INDEX:
+                current.append(label)
+            elif current:
+                runs.append(tokenizer.decode(current, skip_special_tokens=True).strip())
+                current = []
+        assert runs == [turn["value"] for turn in records[index]["conversations"][1::2]]
+
+
+def test_questions_run_through_the_loader_and_the_scorer(data: Path, tiny_llava_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    subset = tmp_path / "questions.jsonl"
+    subset.write_text("".join((data / "test" / "questions.jsonl").read_text().splitlines(keepends=True)[:5]))
+    answers = tmp_path / "answers.jsonl"
+    assert model_vqa_loader.main(["--model-path", str(tiny_llava_dir), "--question-file", str(subset),
+                                  "--image-folder", str(data / "images"), "--answers-file", str(answers),
+                                  "--max_new_tokens", "4", "--batch-size", "5", "--device", "cpu"]) == 0
+    assert len(_jsonl(answers)) == 5
+    scores = tmp_path / "scores.json"
+    gt = data / "test" / "answers.jsonl"
+    assert score_synth.main(["--answers-file", str(answers), "--gt-file", str(gt), "--output", str(scores)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^overall: \d+\.\d\d% \(\d+/\d+\)$", out, re.MULTILINE)
+    result = json.loads(scores.read_text())
+    assert result["missing"] == len(_jsonl(gt)) - 5
+    assert set(result["per_type"]) == set(SHORT_ANSWER_TYPES)
+
+
+def test_scorer_normalises_and_counts_missing(tmp_path: Path) -> None:
+    gt = [{"question_id": "a", "answer": "2", "category": "count"},
+          {"question_id": "b", "answer": "yes", "category": "existence"},
+          {"question_id": "c", "answer": "red", "category": "attribute"}]
+    answers = [{"question_id": "a", "text": "Two."}, {"question_id": "b", "text": "No"}]
+    result = score_synth.score(answers, gt)
+    assert result["per_type"]["count"]["accuracy"] == 1.0
+    assert result["per_type"]["existence"]["accuracy"] == 0.0
+    assert result["overall"] == {"accuracy": 1 / 3, "correct": 1, "questions": 3}
+    assert result["missing"] == 1
+    (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": "zz", "text": "x"}) + "\n")
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(row) + "\n" for row in gt))
+    assert score_synth.main(["--answers-file", str(tmp_path / "a.jsonl"), "--gt-file", str(tmp_path / "g.jsonl")]) == 2
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_writes_and_refuses_a_non_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder is fine
+    assert cli_main(["data", "synth", "--out", str(out), "--n-train", "3", "--n-val", "2", "--n-test", "2",
+                     "--image-size", "64"]) == 0
+    assert "majority baseline, test count" in capsys.readouterr().out
+    assert (out / "images" / "test" / "000001.png").is_file() and (out / "stats.json").is_file()
+    before = _files(out)
+    assert cli_main(["data", "synth", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out} exists and is not empty"
+    assert _files(out) == before
