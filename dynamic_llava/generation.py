@@ -45,8 +45,9 @@ class GenerationResult:
     image_tokens_kept: int = 0
     image_keep: list[list[bool]] = field(default_factory=list)  # per image, per patch (row-major)
     output_tokens: int = 0
-    output_tokens_kept: int = 0  # generated tokens whose K/V entered the cache of layers >= sparse_layer
-    output_keep: list[bool] = field(default_factory=list)  # that decision, per generated token fed back
+    output_tokens_kept: int = 0  # generated tokens whose K/V the cache of layers >= sparse_layer holds at the end
+    output_keep: list[bool] = field(default_factory=list)  # per generated token fed back: did its K/V enter
+    # that cache (H2O: always, and later evictions make output_tokens_kept smaller than the sum)
     kv_cache_bytes: int = 0
     kv_cache_bytes_dense: int = 0  # what dense LLaVA-1.5 would hold for the same tokens
     prefill_seconds: float = 0.0
@@ -185,12 +186,12 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
                     still_running.append(row)
                     continue
                 results[i].decode_seconds = time.perf_counter() - decode_start
-                _record_cache(results[i], cache, row, model.config.num_hidden_layers)
                 if not config.use_cache:
                     # The recomputed sequence re-decides every earlier output token (same predictor, same
                     # inputs): its last step's view covers all fed tokens.
                     fed = slice(results[i].prompt_tokens, results[i].prompt_tokens + results[i].output_tokens - 1)
                     results[i].output_keep = out.keep[row, fed].tolist()
+                _record_cache(results[i], cache, row, model.config.num_hidden_layers)
             yield [t.release() for t in trackers]
             if not still_running:
                 break
@@ -216,7 +217,6 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
         result.text = tracker.text
         result.token_ids = list(tracker.ids)
         result.finish_reason = tracker.finish_reason or "length"
-        result.output_tokens_kept = sum(result.output_keep)
     return results
 
 
@@ -245,6 +245,9 @@ def _record_prefill(results: list[GenerationResult], batch: TokenBatch, keep: to
 
 
 def _record_cache(result: GenerationResult, cache, sample: int, num_layers: int) -> None:
+    """KV bytes and output tokens kept, when the sample finishes (its row still in the cache)."""
+    held = cache.generated_entries(sample)  # None unless entries could have been evicted (H2O)
+    result.output_tokens_kept = sum(result.output_keep) if held is None else held
     per_entry = cache.bytes_per_entry()
     result.kv_cache_bytes = int(cache.lengths()[:, sample].sum()) * per_entry
     # dense holds every prompt token and every generated token fed back, in every layer

@@ -5,6 +5,9 @@ attention mask is built from positions (key position <= query position), not fro
 A forward writes its new tokens after the current length and attends to them; `commit` then
 advances the length by the number of those tokens that stay (all of them in layers before
 `sparse_layer`, only kept tokens from it on). Slots past the length are overwritten later.
+
+Only for H2O, a layer can also track attention: each entry then carries the attention it has received
+(summed over heads and queries) and a generated-token marker, and `evict` removes entries.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ class LayerKVCache:
         self.v = torch.zeros_like(self.k)
         self.positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # Attention tracking (H2O), allocated by `track_attention`; None means the fused attention path.
+        self.scores: torch.Tensor | None = None  # [B, capacity] float32 attention received per entry
+        self.generated: torch.Tensor | None = None  # [B, capacity] entry is a generated token
+        self.n_generated: torch.Tensor | None = None  # [B] generated tokens committed so far (held or evicted)
 
     @property
     def capacity(self) -> int:
@@ -35,6 +42,18 @@ class LayerKVCache:
         self.k = torch.cat([self.k, self.k.new_zeros(b, h, grow, d)], dim=2)
         self.v = torch.cat([self.v, self.v.new_zeros(b, h, grow, d)], dim=2)
         self.positions = torch.cat([self.positions, self.positions.new_zeros(b, grow)], dim=1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, grow)], dim=1)
+            self.generated = torch.cat([self.generated, self.generated.new_zeros(b, grow)], dim=1)
+
+    def track_attention(self) -> None:
+        """Start accumulating the attention each entry receives (H2O); entries already held are not
+        generated tokens. Called after prefill, so the first write (which adopts its tensors) is done."""
+        if self.scores is None:
+            b, capacity = self.positions.shape
+            self.scores = torch.zeros(b, capacity, dtype=torch.float32, device=self.positions.device)
+            self.generated = torch.zeros(b, capacity, dtype=torch.bool, device=self.positions.device)
+            self.n_generated = torch.zeros_like(self.lengths)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,17 +75,45 @@ class LayerKVCache:
         self.k.scatter_(2, index, k)
         self.v.scatter_(2, index, v)
         self.positions.scatter_(1, slots, positions)
+        if self.scores is not None:
+            self.scores.scatter_(1, slots, 0.0)  # the slots may hold an evicted or scratch entry's sum
         valid = torch.arange(end, device=k.device)[None, :] < (self.lengths + n_new)[:, None]
         return self.k[:, :, :end], self.v[:, :, :end], self.positions[:, :end], valid
+
+    def accumulate(self, attention: torch.Tensor) -> None:
+        """Add attention [B, S] received by the first S slots (this forward's queries, summed over heads)."""
+        self.scores[:, :attention.shape[1]] += attention
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these samples (batch rows), e.g. when others finished generating."""
         self.k, self.v = self.k[rows], self.v[rows]
         self.positions, self.lengths = self.positions[rows], self.lengths[rows]
+        if self.scores is not None:
+            self.scores, self.generated, self.n_generated = (
+                self.scores[rows], self.generated[rows], self.n_generated[rows])
 
-    def commit(self, n_kept: torch.Tensor) -> None:
-        """Keep the first n_kept [B] of the entries just written (the rest are scratch)."""
+    def commit(self, n_kept: torch.Tensor, generated: torch.Tensor | None = None) -> None:
+        """Keep the first n_kept [B] of the entries just written (the rest are scratch).
+
+        generated [B, T] marks which written entries are generated tokens; needed when tracking attention.
+        """
+        if self.generated is not None:
+            t = generated.shape[1]
+            slots = self.lengths[:, None] + torch.arange(t, device=generated.device)
+            self.generated.scatter_(1, slots, generated)
+            kept = torch.arange(t, device=generated.device)[None, :] < n_kept[:, None]
+            self.n_generated = self.n_generated + (generated & kept).sum(1)
         self.lengths = self.lengths + n_kept
+
+    def evict(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Remove entry slots[i] of sample rows[i] (rows distinct): the sample's last entry moves into the
+        slot and its length shrinks by one (slot order is irrelevant to the position-based masks)."""
+        last = self.lengths[rows] - 1
+        self.k[rows, :, slots] = self.k[rows, :, last]
+        self.v[rows, :, slots] = self.v[rows, :, last]
+        for per_entry in (self.positions, self.scores, self.generated):
+            per_entry[rows, slots] = per_entry[rows, last]
+        self.lengths = self.lengths.index_add(0, rows, torch.full_like(rows, -1))
 
 
 class SparseKVCache:
@@ -90,6 +137,14 @@ class SparseKVCache:
     def lengths(self) -> torch.Tensor:
         """[num_layers, B] entries held per layer and sample."""
         return torch.stack([layer.lengths for layer in self.layers])
+
+    def generated_entries(self, sample: int) -> int | None:
+        """Generated-token entries `sample` holds in the first layer that tracks attention (H2O keeps the
+        same number in every such layer), or None when no layer tracks (nothing was evicted)."""
+        for layer in self.layers:
+            if layer.generated is not None:
+                return int(layer.generated[sample, :int(layer.lengths[sample])].sum())
+        return None
 
     def bytes_per_entry(self) -> int:
         k = self.layers[0].k

@@ -16,7 +16,7 @@ from ..errors import UserError
 
 
 VISION_RULES = ("predictor", "fastv", "random")  # how image tokens are ranked (policy.py)
-OUTPUT_RULES = ("predictor", "random", "structure")  # how generated tokens are kept
+OUTPUT_RULES = ("predictor", "random", "structure", "h2o")  # how generated tokens are kept
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SparseConfig:
     num_layers: int = 2
     mask_loss_weight: float = 100.0
     # Inference-time ranking rules (see policy.py): the learned predictors by default; FastV / random /
-    # structure reproduce the paper's baselines in the same engine.
+    # structure / H2O reproduce the paper's baselines in the same engine.
     vision_policy: str = "predictor"  # one of VISION_RULES
     output_policy: str = "predictor"  # one of OUTPUT_RULES
     policy_seed: int = 0

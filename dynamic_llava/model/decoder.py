@@ -67,6 +67,19 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matmul-softmax attention that also returns the probabilities (fp32, [B, H, Tq, S]); grouped K/V
+    heads are matched by reshaping the queries, so the cache is not copied."""
+    b, h, t, d = q.shape
+    h_kv, s = k.shape[1], k.shape[2]
+    grouped = q.reshape(b, h_kv, h // h_kv * t, d)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float().view(b, h_kv, h // h_kv, t, s) / d ** 0.5
+    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    out = torch.matmul(probs.view(b, h_kv, -1, s).to(v.dtype), v)
+    return out.view(b, h, t, d), probs.view(b, h, t, s)
+
+
 class Attention(nn.Module):
     def __init__(self, config: DynamicLlavaConfig) -> None:
         super().__init__()
@@ -95,7 +108,12 @@ class Attention(nn.Module):
         # Keys exactly these tokens, unpadded, in increasing position order: the mask is triangular.
         causal = key_mask is None and t > 1 and bool((cache.lengths == 0).all()) and bool((n_new == t).all())
         keys, values, key_positions, key_valid = cache.write(k, v, positions, n_new)
-        if causal:
+        if cache.scores is not None:  # H2O: the attention each entry receives, from this forward's real queries
+            mask = attention_mask(positions, key_positions, key_valid)
+            out, probs = _explicit_attention(q, keys, values, mask if key_mask is None else mask & key_mask)
+            real = torch.arange(t, device=x.device)[None, :] < n_new[:, None]
+            cache.accumulate((probs.sum(1) * real[..., None]).sum(1))
+        elif causal:
             out = _sdpa(q, keys, values, None)
         else:
             mask = attention_mask(positions, key_positions, key_valid)

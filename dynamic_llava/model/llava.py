@@ -202,10 +202,19 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         """Run the new tokens of `batch` through the model, updating `cache` (see module docstring).
 
         Returns next-token logits per sample, or with `all_logits` logits for every new token in input
-        order (rows of tokens dropped at sparse_layer are NaN: they never reached the head).
+        order (rows of tokens dropped at sparse_layer are NaN: they never reached the head). With an
+        evicting policy (H2O) and a non-empty cache, layers >= sparse_layer evict after their commit.
         """
         policy = policy or self.default_policy()
         k = self.sparse_layer
+        # H2O evicts cached generated tokens; other policies have no `eviction` and keep fused attention.
+        eviction = getattr(policy, "eviction", None)
+        track = False
+        if eviction is not None:
+            track = bool((cache.layers[0].lengths > 0).any())  # at prefill (empty cache) H2O does nothing
+            if not track and bool(((batch.kinds == OUTPUT) & batch.valid).any()):
+                raise UserError("output_policy 'h2o' evicts entries of the KV cache: it needs decoding with the "
+                                "cache (use_cache=True); choose another output policy to decode without it")
         h = batch.embeds
         cos, sin = self.model.rotary(batch.positions, h.dtype)
         probe_input = h
@@ -224,9 +233,14 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         sub = batch.gather(order, n_processed, h)
         n_kept = keep.sum(1)
         cos, sin = self.model.rotary(sub.positions, h.dtype)
+        generated = sub.kinds == OUTPUT if track else None
         for layer, layer_cache in zip(self.model.layers[k:], cache.layers[k:]):
+            if track:
+                layer_cache.track_attention()
             h = layer(h, cos, sin, sub.positions, n_processed, layer_cache)
-            layer_cache.commit(n_kept)
+            layer_cache.commit(n_kept, generated)
+            if track:
+                eviction.evict(layer_cache)
         h = self.model.norm(h)
         if all_logits:
             logits = self.lm_head(h)
