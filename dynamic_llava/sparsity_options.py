@@ -19,13 +19,13 @@ def add_sparsity_arguments(parser: argparse.ArgumentParser, no_sparse_help: str 
                            "(no token dropping)") -> None:
     parser.add_argument("--vision-keep-rate", type=keep_rate, default=None, help="override the checkpoint's rate")
     parser.add_argument("--output-keep-rate", type=keep_rate, default=None,
-                        help="kept fraction of generated tokens for --output-policy random")
+                        help="kept fraction of generated tokens for --output-policy random / h2o")
     parser.add_argument("--vision-policy", choices=VISION_RULES, default=None,
                         help="how image tokens are ranked: the learned predictor (Dynamic-LLaVA, default), FastV's "
                              "last-token attention at layer --sparse-layer - 1, or random")
     parser.add_argument("--output-policy", choices=OUTPUT_RULES, default=None,
-                        help="which generated tokens enter the cache: the predictor (default), random, or every "
-                             "other one (structure)")
+                        help="which generated tokens stay in the cache: the predictor (default), random, every "
+                             "other one (structure), or H2O (heavy hitters + recent window, evicting; needs the cache)")
     parser.add_argument("--no-output-sparsity", action="store_true", help="keep every generated token")
     parser.add_argument("--sparse-layer", type=int, default=None, help="first layer on the reduced tokens "
                         "(FastV's K; default: the checkpoint's, 2)")

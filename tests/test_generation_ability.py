@@ -45,8 +45,9 @@ def test_cache_path_equals_recomputing_without_cache_in_sparse_mode(loaded, data
     _, model, _, _ = loaded
     assert model.sparse.sparsify_output_text
     request = _request(loaded, data)
-    nlls, keeps = teacher_forced_nll(model, request.input_ids, request.pixel_values, ANSWER_IDS)
+    nlls, keeps, held = teacher_forced_nll(model, request.input_ids, request.pixel_values, ANSWER_IDS)
     assert len(nlls) == 6 and len(keeps) == 5
+    assert held == sum(keeps)  # the predictor's kept tokens are exactly what the sparse cache holds
     with torch.inference_mode():
         for n, target in enumerate(ANSWER_IDS):
             ids = torch.cat([request.input_ids, torch.tensor(ANSWER_IDS[:n], dtype=torch.long)])
@@ -62,7 +63,7 @@ def test_dense_ppl_equals_full_forward_cross_entropy(loaded, data: Path) -> None
     model.set_sparse(sparse=False)
     try:
         request = _request(loaded, data)
-        nlls, _ = teacher_forced_nll(model, request.input_ids, request.pixel_values, ANSWER_IDS)
+        nlls, _, _ = teacher_forced_nll(model, request.input_ids, request.pixel_values, ANSWER_IDS)
         ids = torch.cat([request.input_ids, torch.tensor(ANSWER_IDS, dtype=torch.long)])
         with torch.inference_mode():
             logits = model.forward_full([ids], [request.pixel_values]).logits[0].float()

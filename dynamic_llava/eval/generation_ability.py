@@ -31,10 +31,11 @@ from .io import read_jsonl, require_keys, write_json_atomic
 
 def teacher_forced_nll(model: DynamicLlavaForCausalLM, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                        target_ids: Sequence[int], policy: TokenPolicy | None = None
-                       ) -> tuple[list[float], list[bool]]:
+                       ) -> tuple[list[float], list[bool], int]:
     """Per-token NLL of `target_ids` after the prompt, fed through the KV cache as decoding would.
 
-    Returns the NLLs and the keep decision of every target token fed back (all but the last).
+    Returns the NLLs, the keep decision of every target token fed back (all but the last), and how many
+    of them the first sparse layer's cache holds at the end (fewer than kept for an evicting policy: H2O).
     """
     policy = policy or model.default_policy()
     device = model.lm_head.weight.device
@@ -44,6 +45,8 @@ def teacher_forced_nll(model: DynamicLlavaForCausalLM, input_ids: torch.Tensor, 
         batch = model.embed([input_ids], [pixel_values])
         cache = model.new_cache(1)
         out = model.step(batch, cache, policy)
+        sparse_cache = cache.layers[min(model.sparse_layer, len(cache.layers) - 1)]
+        prompt_entries = int(sparse_cache.lengths[0])
         position = batch.lengths.to(device)
         for index, token in enumerate(target_ids):
             nlls.append(-float(torch.log_softmax(out.logits[0].float(), -1)[token]))
@@ -52,7 +55,7 @@ def teacher_forced_nll(model: DynamicLlavaForCausalLM, input_ids: torch.Tensor, 
             out = model.step(model.embed_generated(torch.tensor([token], device=device), position), cache, policy)
             keeps.append(bool(out.keep[0, 0]))
             position = position + 1
-    return nlls, keeps
+    return nlls, keeps, int(sparse_cache.lengths[0]) - prompt_entries
 
 
 def load_meteor() -> tuple[Callable[[str, str], float] | None, str]:
@@ -154,14 +157,14 @@ def evaluate_sample(model: DynamicLlavaForCausalLM, tokenizer, image_processor, 
     sources = [Path(args.image_folder) / sample["image"]] if sample.get("image") else []
     request = prepare_request(sample["text"], sources, tokenizer, image_processor, model.config, args.conv_mode)
     target = tokenizer(sample["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    nlls, keeps = teacher_forced_nll(model, request.input_ids, request.pixel_values, target)
+    nlls, keeps, held = teacher_forced_nll(model, request.input_ids, request.pixel_values, target)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_strings=[request.stop])
     result = generate(model, tokenizer, [request.input_ids], [request.pixel_values], config)[0]
     return {
         "answer_tokens": len(target),
         "nll_sum": sum(nlls),
         "ppl": math.exp(sum(nlls) / len(nlls)),
-        "teacher_forced_tokens_kept": sum(keeps),
+        "teacher_forced_tokens_kept": held,
         "teacher_forced_tokens_fed": len(keeps),
         "text": result.text,
         "meteor": meteor(result.text, sample["answer"]) if meteor is not None else None,
