@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import ask
-    from .bench import decode, flops, prefill
+    from .bench import decode, flops, prefill, train_step
     from .data import synth
 
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("decode", help="decoding latency and KV bytes vs output length, with and without cache")
     decode.add_arguments(p)
     p.set_defaults(handler=decode.run)
+    p = bench.add_parser("train", help="training-step time and peak memory: dense vs masked-softmax (ours, naive)")
+    train_step.add_arguments(p)
+    p.set_defaults(handler=train_step.run)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data", required=True)
     p = data.add_parser("synth", help="the synthetic shapes benchmark: LLaVA training JSON and evaluation files")
