@@ -1,4 +1,4 @@
-"""`dynamic-llava <command>`: ask, make-tiny, convert, train, bench, data. Bad input: one message, exit code 2."""
+"""`dynamic-llava <command>`: ask, make-tiny, convert, train, bench, data, demo. Bad input: one message, exit code 2."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import ask
     from .bench import decode, flops, prefill, train_step
     from .data import synth
+    from .demo import train_chain
 
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("synth", help="the synthetic shapes benchmark: LLaVA training JSON and evaluation files")
     synth.add_arguments(p)
     p.set_defaults(handler=synth.run)
+
+    demo = commands.add_parser("demo", help="end-to-end demonstrations").add_subparsers(dest="demo", required=True)
+    p = demo.add_parser("train", help="train the whole chain from scratch (data, stages 1-3) and evaluate it")
+    train_chain.add_arguments(p)
+    p.set_defaults(handler=train_chain.run)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Demonstrations that run the project end to end on its own machine."""

@@ -1,0 +1,218 @@
+"""`dynamic-llava demo train --out DIR [--quick] [--seed N]`: the whole Dynamic-LLaVA chain from scratch, in one process.
+
+0. data: the synthetic shapes benchmark (`data synth`) in DIR/data;
+1. start: a tiny plain LLaMA and a tiny, randomly initialised CLIP tower (DIR/start);
+2. stage 1, feature alignment: projector only, `plain` template, captions (DIR/stage1/mm_projector.bin);
+3. stage 2, instruction tuning: LLM + projector + tower (there is no pre-trained CLIP here, so the tower
+   must learn), `v1` template: the dense LLaVA (DIR/stage2);
+4. stage 3, Dynamic-LLaVA sparsification training (vision keep 0.2, output-text keep 0.5): DIR/stage3;
+5. evaluation of both on the test split (`model_vqa_loader` + `score_synth`), printed as a table and
+   written to DIR/summary.json with the majority baselines and the wall time of each stage.
+
+Every step is the project's own entry point called in-process; this module only chooses sizes and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and training hyper-parameters of one chain."""
+
+    n_train: int  # training scenes (one multi-turn conversation each)
+    n_test: int  # test scenes (9 short-answer questions each)
+    # Tower: 112 px in 14-px patches = 64 image tokens, so keeping 20 % leaves 13, about two per object
+    # of the busiest scenes: the predictor has to find the objects, dropping at random would lose some.
+    image_size: int = 112
+    patch_size: int = 14
+    tower_hidden: int = 128
+    tower_layers: int = 4
+    tower_heads: int = 4
+    llm_hidden: int = 256
+    llm_layers: int = 4
+    llm_heads: int = 4
+    batch_size: int = 16
+    stage1_steps: int = 30
+    stage1_lr: float = 1e-3
+    stage2_epochs: float = 3.0
+    stage2_lr: float = 1e-3
+    stage3_epochs: float = 1.0
+    stage3_lr: float = 2e-4
+    predictor_lr: float = 1e-3
+    # Descriptions are 150-340 tokens, short answers 1-3: any threshold in between selects exactly the
+    # descriptions for output-token decisions.
+    output_text_len: int = 64
+    bf16: bool = True
+    eval_batch_size: int = 32
+
+
+FULL = Recipe(n_train=2000, n_test=200)
+QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, tower_layers=2, llm_hidden=64, llm_layers=3, batch_size=8,
+               stage1_steps=2, stage2_epochs=1.0, stage3_epochs=1.0, eval_batch_size=36)
+
+STAGES = ("data", "start", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse")
+
+
+def make_start_model(recipe: Recipe, out: Path, seed: int) -> Path:
+    """A plain LLaMA (the tiny tokenizer) with the chain's CLIP tower in out/vision_tower."""
+    from ..tiny.checkpoint import make_tiny_checkpoint
+    from ..tiny.vision_tower import write_tiny_clip_tower
+
+    make_tiny_checkpoint(out, fmt="llm", seed=seed, hidden_size=recipe.llm_hidden,
+                         intermediate_size=4 * recipe.llm_hidden, num_hidden_layers=recipe.llm_layers,
+                         num_attention_heads=recipe.llm_heads, num_key_value_heads=recipe.llm_heads)
+    shutil.rmtree(out / "vision_tower")  # the factory's tower is CLIP-336 sized; ours is smaller
+    write_tiny_clip_tower(out / "vision_tower", seed=seed, image_size=recipe.image_size,
+                          patch_size=recipe.patch_size, hidden_size=recipe.tower_hidden,
+                          num_layers=recipe.tower_layers, num_heads=recipe.tower_heads,
+                          intermediate_size=4 * recipe.tower_hidden)
+    return out
+
+
+def _common_flags(recipe: Recipe, data: Path, out: Path, seed: int) -> list[str]:
+    return ["--image_folder", str(data / "images"), "--output_dir", str(out),
+            "--mm_projector_type", "mlp2x_gelu",
+            # -1, not LLaVA's -2: the tower trains from scratch, so its last layer is as good as any
+            "--mm_vision_select_layer", "-1", "--image_aspect_ratio", "pad",
+            "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+            "--model_max_length", "1024", "--per_device_train_batch_size", str(recipe.batch_size),
+            "--weight_decay", "0.0", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
+            "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
+            "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.bf16)]
+
+
+def stage1(recipe: Recipe, data: Path, start: Path, out: Path, seed: int) -> None:
+    """Feature alignment: the projector alone on the captions (LLaVA's pre-training stage)."""
+    from ..train.train import train
+
+    train(["--model_name_or_path", str(start), "--vision_tower", str(start / "vision_tower"),
+           "--version", "plain", "--tune_mm_mlp_adapter", "True",
+           "--data_path", str(data / "train" / "pretrain.json"), *_common_flags(recipe, data, out, seed),
+           "--max_steps", str(recipe.stage1_steps), "--learning_rate", str(recipe.stage1_lr)])
+
+
+def stage2(recipe: Recipe, data: Path, start: Path, projector: Path, out: Path, seed: int) -> None:
+    """Instruction tuning of everything, the tower included: the dense LLaVA."""
+    from ..train.train import train
+
+    train(["--model_name_or_path", str(start), "--vision_tower", str(start / "vision_tower"),
+           "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector), "--unfreeze_mm_vision_tower", "True",
+           "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
+           "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr)])
+
+
+def stage3(recipe: Recipe, data: Path, dense: Path, out: Path, seed: int) -> None:
+    """Dynamic-LLaVA sparsification training on top of the dense model (tower frozen, as in the paper)."""
+    from ..train.train import train
+
+    train(["--model_name_or_path", str(dense),
+           # An explicit path: the output then names the stage-2 tower rather than a folder of its own
+           "--vision_tower", str(dense / "vision_tower"),
+           "--version", "v1", "--requires_image", "True",
+           "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
+           "--num_train_epochs", str(recipe.stage3_epochs), "--learning_rate", str(recipe.stage3_lr),
+           "--predictor_lr", str(recipe.predictor_lr), "--vision_keep_rate", "0.2",
+           "--output_text_keep_rate", "0.5", "--output_text_len_for_training", str(recipe.output_text_len)],
+          sparse=True)
+
+
+def evaluate(recipe: Recipe, model: Path, data: Path, out: Path, dense: bool) -> dict[str, Any]:
+    """Answer the test questions with `model_vqa_loader` and score them with `score_synth`; add the kept
+    fractions of image / output tokens from the runner's per-answer stats."""
+    from ..data.score_synth import score
+    from ..eval import model_vqa_loader
+    from ..eval.io import read_jsonl
+
+    answers = out / "answers.jsonl"
+    argv = ["--model-path", str(model), "--question-file", str(data / "test" / "questions.jsonl"),
+            "--image-folder", str(data / "images"), "--answers-file", str(answers), "--conv-mode", "llava_v1",
+            "--batch-size", str(recipe.eval_batch_size), "--max-new-tokens", "8", "--device", "cpu"]
+    if model_vqa_loader.main([*argv, "--no-sparse"] if dense else argv) != 0:
+        raise UserError(f"evaluation of {model} failed (see the error above)")
+    rows = read_jsonl(answers)
+    result = score(rows, read_jsonl(data / "test" / "answers.jsonl"))
+
+    def kept(kind: str) -> float | None:
+        total = sum(r["metadata"][f"{kind}_tokens"] for r in rows)
+        return sum(r["metadata"][f"{kind}_tokens_kept"] for r in rows) / total if total else None
+
+    result["image_tokens_kept"], result["output_tokens_kept"] = kept("image"), kept("output")
+    return result
+
+
+def _timed(name: str, timings: dict[str, dict[str, float]], step: Callable[[], Any]) -> Any:
+    """Run one stage, announcing it and recording its wall time and the machine's load (shared CPU)."""
+    print(f"\n=== {name} ===", flush=True)
+    start = time.perf_counter()
+    value = step()
+    seconds = time.perf_counter() - start
+    timings[name] = {"seconds": round(seconds, 1), "load_average_1min": round(os.getloadavg()[0], 2)}
+    print(f"=== {name}: {seconds:.0f} s ===", flush=True)
+    return value
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Accuracy per question type: majority baseline, dense LLaVA, Dynamic-LLaVA."""
+    majority, dense, sparse = (summary["majority_baseline_test"], summary["dense"], summary["dynamic_llava"])
+    lines = [f"{'question type':<14}{'majority':>10}{'dense':>10}{'dynamic':>10}"]
+    for category in [*dense["per_type"], "overall"]:
+        pick = (lambda r: r["overall"]) if category == "overall" else (lambda r: r["per_type"][category])
+        lines.append(f"{category:<14}{100 * majority[category]['accuracy']:>9.1f}%"
+                     f"{100 * pick(dense)['accuracy']:>9.1f}%{100 * pick(sparse)['accuracy']:>9.1f}%")
+    lines.append(f"{'image tokens kept':<34}{100 * dense['image_tokens_kept']:>9.1f}%"
+                 f"{100 * sparse['image_tokens_kept']:>9.1f}%")
+    return "\n".join(lines)
+
+
+def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
+    """Every stage into `out` (new or empty); returns the summary also written to out/summary.json."""
+    from ..data.synth import SynthConfig, write_dataset
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty")
+    data, start = out / "data", out / "start"
+    timings: dict[str, dict[str, float]] = {}
+    begin = time.perf_counter()
+    stats = _timed("data", timings, lambda: write_dataset(
+        SynthConfig(seed, recipe.image_size, recipe.n_train, n_val=recipe.n_test, n_test=recipe.n_test), data))
+    _timed("start", timings, lambda: make_start_model(recipe, start, seed))
+    _timed("stage1", timings, lambda: stage1(recipe, data, start, out / "stage1", seed))
+    _timed("stage2", timings, lambda: stage2(recipe, data, start, out / "stage1" / "mm_projector.bin",
+                                             out / "stage2", seed))
+    _timed("stage3", timings, lambda: stage3(recipe, data, out / "stage2", out / "stage3", seed))
+    dense = _timed("eval_dense", timings, lambda: evaluate(recipe, out / "stage2", data, out / "eval" / "dense",
+                                                           dense=True))
+    sparse = _timed("eval_sparse", timings, lambda: evaluate(recipe, out / "stage3", data, out / "eval" / "dynamic",
+                                                             dense=False))
+    summary = {"recipe": dataclasses.asdict(recipe), "seed": seed,
+               "majority_baseline_test": stats["majority_baseline_test"], "dense": dense, "dynamic_llava": sparse,
+               "timings": timings, "total_seconds": round(time.perf_counter() - begin, 1),
+               "models": {"dense": str(out / "stage2"), "dynamic_llava": str(out / "stage3")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print("\n" + format_table(summary))
+    print(f"total {summary['total_seconds']:.0f} s; summary written to {out / 'summary.json'}")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: the same chain in a few minutes (CI)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_chain(Path(args.out), QUICK if args.quick else FULL, args.seed)
+    return 0
