@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamic_llava.bench import train_step
 from dynamic_llava.bench.train_step import MODES, REFERENCE_EPS, naive_masked_attention
+from dynamic_llava.cli import main
 from dynamic_llava.model.masked_attention import masked_softmax_attention
 
 
 def test_bench_train_tiny_writes_every_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "train.json"
-    assert train_step.main(["--shape", "tiny", "--batch-size", "1", "--repeats", "1", "--json", str(out)]) == 0
+    assert main(["bench", "train", "--shape", "tiny", "--batch-size", "1", "--repeats", "1", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert all(mode in table for mode in MODES)
     result = json.loads(out.read_text())
