@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dynamic_llava.cli import main
 
@@ -76,17 +77,61 @@ def test_exact_flops_match_an_operator_level_count_of_the_real_forward() -> None
 
 def test_bench_decode_tiny_kv_grows_with_kept_tokens_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, plot = tmp_path / "decode.json", tmp_path / "decode.png"
-    assert main(["bench", "decode", "--shape", "tiny", "--dtype", "float32", "--lengths", "8,16",
-                 "--no-cache-lengths", "3", "--window", "4", "--json", str(out), "--plot", str(plot)]) == 0
+    assert main(["bench", "decode", "--shape", "tiny", "--dtype", "float32", "--lengths", "12,24",
+                 "--check-length", "12", "--no-cache-lengths", "3,6", "--no-cache-points", "3",
+                 "--no-cache-check", "4", "--window", "4", "--json", str(out), "--plot", str(plot)]) == 0
     result = json.loads(out.read_text())
     dense, sparse = result["with_cache"]["dense"], result["with_cache"]["sparse"]
-    assert [p["output_tokens"] for p in dense] == [8, 16]
+    assert [p["output_tokens"] for p in dense] == [12, 24] and all(p["fits"] for p in dense + sparse)
+    # every layer holds exactly prompt + generated (dense) / text + kept image + kept output (sparse)
     assert all(p["entries_check"] for p in dense + sparse)
     # dense: every generated token adds one entry per layer; sparse: fewer (image and output tokens dropped)
-    per_token_dense = (dense[1]["kv_cache_bytes"] - dense[0]["kv_cache_bytes"]) / 8
-    per_token_sparse = (sparse[1]["kv_cache_bytes"] - sparse[0]["kv_cache_bytes"]) / 8
+    per_token_dense = (dense[1]["kv_cache_bytes"] - dense[0]["kv_cache_bytes"]) / 12
+    per_token_sparse = (sparse[1]["kv_cache_bytes"] - sparse[0]["kv_cache_bytes"]) / 12
     assert per_token_sparse < per_token_dense
     assert all(s["kv_cache_bytes"] < d["kv_cache_bytes"] for d, s in zip(dense, sparse))
-    assert set(result["without_cache_seconds"]["sparse"]) == {"3"}
+    # the filled cache holds what a real decode of the same length holds (dense: exactly; sparse: the same
+    # prompt entries and the measured kept fraction)
+    check = result["check"]
+    assert check["dense"]["filled"]["kv_cache_bytes"] == check["dense"]["real"]["kv_cache_bytes"]
+    assert check["sparse"]["filled"]["kv_cache_bytes"] < check["dense"]["filled"]["kv_cache_bytes"]
+    assert dense[0]["kv_cache_bytes"] == dense[0]["kv_cache_bytes_needed"]
+    uncached = result["without_cache"]["sparse"]
+    assert set(uncached["total_seconds"]) == {"3", "6"} and set(uncached["step_seconds"]) == {"embed", "0", "2", "5"}
+    assert uncached["total_seconds"]["6"] > uncached["total_seconds"]["3"] > 0
+    assert uncached["check"]["real_seconds"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "output_keep_rule" in result and "with KV cache" in capsys.readouterr().out
+
+
+def test_total_from_steps_interpolates_between_measured_points() -> None:
+    from dynamic_llava.bench.decode import total_from_steps
+
+    steps = {"embed": 1.0, 0: 2.0, 4: 6.0}  # step(t) = 2 + t
+    assert total_from_steps(steps, 5) == pytest.approx(1.0 + sum(2 + t for t in range(5)))
+    with pytest.raises(ValueError):
+        total_from_steps(steps, 6)
+
+
+def test_decoder_fill_matches_real_decoding_entry_counts() -> None:
+    from dynamic_llava.bench.prefill import Decoder, build_model, make_inputs
+    from dynamic_llava.bench.shapes import SHAPES
+    from dynamic_llava.model.policy import DensePolicy
+
+    shape = SHAPES["tiny"]
+    model = build_model(shape, torch.float32, 0)
+    inputs = make_inputs(1, 8, shape.vision, 0)
+    real, filled = Decoder(model, inputs, DensePolicy()), Decoder(model, inputs, DensePolicy())
+    real.replicate(3)
+    filled.replicate(3)
+    for _ in range(6):
+        real.step()
+    filled.step()
+    filled.fill(5, 5, model.sparse_layer)
+    assert torch.equal(real.cache.lengths(), filled.cache.lengths())
+    assert torch.equal(real.positions, filled.positions) and filled.fed == real.fed == 6
+    # entries carry the true positions of the tokens they stand for
+    for a, b in zip(real.cache.layers, filled.cache.layers):
+        n = int(a.lengths[0])
+        assert torch.equal(a.positions[:, :n].sort(1).values, b.positions[:, :n].sort(1).values)
+    assert filled.kv_report(model.sparse_layer)["entries_check"]

@@ -1,14 +1,27 @@
 """`dynamic-llava bench decode`: decoding cost as the output grows, dense vs Dynamic-LLaVA, side by side.
 
 With the KV cache: per-token latency and KV-cache bytes at each output length (e.g. 1K / 2K / 4K tokens).
-Without the cache: total time to generate 256 / 512 / 1K tokens by recomputing the sequence each step.
-Random weights at the real shapes (see `bench prefill`); the untrained output-text predictor is
-calibrated to keep about half of the generated tokens, and the output says so.
+A decode step's cost depends on how many entries each layer's cache holds, not on their values, so each
+length is measured on a cache filled to what that many generated tokens leave (all of them in layers
+< sparse_layer; the measured kept fraction in later layers for Dynamic-LLaVA) followed by `--window`
+real timed steps. A real greedy decode to `--check-length` tokens is timed too and compared with the
+filled cache at the same length: the check that filling measures what decoding costs.
+
+Without the cache every step is a forward over the whole sequence; the total time for N tokens is the
+sum of those steps. The step is timed at `--no-cache-points` output lengths spread over [0, N) and the
+sum taken over the piecewise-linear interpolation; a real uncached decode of `--no-cache-check` tokens
+checks the estimate.
+
+Random weights at the real shapes (see `bench prefill`). Batch B is B copies of one sample (prefilled
+once, then replicated). The untrained output-text predictor is calibrated to keep about half of the
+generated tokens, and the output says so. A length whose cache would not fit in the RAM available is
+reported as such instead of being run.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -18,11 +31,21 @@ import torch
 
 from ..errors import UserError
 from ..generation import append_token
+from ..model.batch import OUTPUT, TokenBatch
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.policy import DensePolicy, TokenPolicy
 from .output import write_json
 from .prefill import Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs
 from .shapes import SHAPES
+
+_ACTIVATION_MARGIN = 1 << 30  # bytes left for one decode step's activations when judging what fits
+METHOD = {
+    "with_cache": "prefill, 1 real step, cache filled to length - 1 - window generated tokens (all in layers < "
+                  "sparse_layer, the measured kept fraction in later ones; random K/V, true positions), then "
+                  "`window` real timed steps (median); checked against a real decode at check_length",
+    "without_cache": "vision tower once + one full-sequence step timed at each point, summed over t = 0..N-1 "
+                     "with linear interpolation between points; checked against a real uncached decode",
+}
 
 
 def _lengths(text: str) -> list[int]:
@@ -43,8 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096],
                         help="output lengths at which the cached decode is measured")
+    parser.add_argument("--check-length", type=int, default=128,
+                        help="real greedy decode to this many tokens, compared with the filled cache (0: skip)")
     parser.add_argument("--no-cache-lengths", type=_lengths, default=[256, 512, 1024],
-                        help="output lengths generated without the KV cache (empty: skip)")
+                        help="output lengths whose total time without the KV cache is measured (empty: skip)")
+    parser.add_argument("--no-cache-points", type=int, default=5,
+                        help="output lengths at which one uncached step is timed (>= 2)")
+    parser.add_argument("--no-cache-check", type=int, default=8,
+                        help="real uncached decode of this many tokens, compared with the estimate (0: skip)")
     parser.add_argument("--window", type=int, default=16, help="steps whose median gives the per-token latency")
     parser.add_argument("--prompt-text-tokens", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
@@ -52,96 +81,260 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="PNG of KV bytes and per-token latency vs output length")
 
 
+def available_memory() -> int:
+    """Bytes the kernel could hand out now (MemAvailable: free plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cache_bytes_needed(model: DynamicLlavaForCausalLM, batch_size: int, prompt_tokens: int, prompt_kept: int,
+                       output_tokens: int, output_kept: int) -> int:
+    """KV bytes held after `output_tokens` generated tokens (`output_kept` of them in the sparse layers)."""
+    config = model.config
+    per_entry = 2 * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
+    k, layers = model.sparse_layer, config.num_hidden_layers
+    entries = k * (prompt_tokens + output_tokens) + (layers - k) * (prompt_kept + output_kept)
+    return batch_size * entries * per_entry
+
+
 @torch.inference_mode()
-def cached_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy, lengths: list[int],
-                  window: int) -> list[dict[str, Any]]:
-    """Greedy decode to max(lengths) with the cache; at each length: latency (median of the last
-    `window` steps) and the KV bytes held (and allocated)."""
+def real_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy, length: int, batch_size: int,
+                window: int) -> dict[str, Any]:
+    """Greedy decode of `length` tokens with the cache: latency (median of the last `window` steps), KV bytes
+    and the kept fraction of generated tokens."""
     decoder = Decoder(model, inputs, policy)
-    points = []
-    for step in range(1, max(lengths) + 1):
+    decoder.replicate(batch_size)
+    for _ in range(length):
         decoder.step()
-        if step in lengths:
-            report = decoder.kv_report(model.sparse_layer)
-            points.append({"output_tokens": step,
-                           "seconds_per_token": statistics.median(decoder.seconds[-window:]),
-                           "kv_cache_bytes": report["kv_cache_bytes"],
-                           "kv_cache_allocated_bytes": report["kv_cache_allocated_bytes"],
-                           "output_tokens_kept": report["output_tokens_kept"],
-                           "entries_check": report["entries_check"]})
-    return points
+    report = decoder.kv_report(model.sparse_layer)
+    kept = decoder.outputs_kept.float().mean().item()
+    return {"output_tokens": length, "seconds_per_token": statistics.median(decoder.seconds[-window:]),
+            "kv_cache_bytes": report["kv_cache_bytes"], "output_tokens_kept": round(kept),
+            "output_keep_fraction": kept / length, "entries_check": report["entries_check"]}
+
+
+@torch.inference_mode()
+def filled_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy, length: int,
+                  keep_fraction: float, batch_size: int, window: int, seed: int) -> dict[str, Any]:
+    """Latency and KV bytes at `length` generated tokens: prefill, fill the cache to that length (one
+    warm-up step first), then `window` timed steps."""
+    decoder = Decoder(model, inputs, policy)
+    decoder.replicate(batch_size)
+    decoder.step()
+    filled = length - 1 - window
+    decoder.fill(filled, round(keep_fraction * filled), model.sparse_layer, seed)
+    decoder.seconds.clear()
+    for _ in range(window):
+        decoder.step()
+    report = decoder.kv_report(model.sparse_layer)
+    return {"output_tokens": decoder.fed, "seconds_per_token": statistics.median(decoder.seconds),
+            "kv_cache_bytes": report["kv_cache_bytes"],
+            "kv_cache_allocated_bytes": report["kv_cache_allocated_bytes"],
+            "output_tokens_kept": report["output_tokens_kept"][0], "entries_check": report["entries_check"]}
+
+
+def with_generated(model: DynamicLlavaForCausalLM, batch: TokenBatch, n_generated: int, seed: int) -> TokenBatch:
+    """The prompt batch (equal-length samples) followed by `n_generated` random generated tokens."""
+    if n_generated == 0:
+        return batch
+    b = len(batch.lengths)
+    if not bool((batch.lengths == batch.embeds.shape[1]).all()):
+        raise ValueError("with_generated needs unpadded, equal-length prompts")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (b, n_generated), generator=generator)
+    positions = batch.lengths[:, None] + torch.arange(n_generated)[None, :]
+    return TokenBatch(embeds=torch.cat([batch.embeds, model.model.embed_tokens(ids)], dim=1),
+                      positions=torch.cat([batch.positions, positions], dim=1),
+                      lengths=batch.lengths + n_generated,
+                      kinds=torch.cat([batch.kinds, torch.full_like(ids, OUTPUT)], dim=1),
+                      image_ids=torch.cat([batch.image_ids, torch.full_like(ids, -1)], dim=1))
+
+
+@torch.inference_mode()
+def uncached_step_seconds(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy,
+                          points: list[int], seed: int) -> dict[int | str, float]:
+    """Seconds of one uncached decoding step (the whole sequence on a fresh cache) after t generated
+    tokens, for each t in `points`, and of the vision tower + embedding ("embed"), which runs once."""
+    model.embed(inputs.prompts, inputs.images)  # warm-up
+    start = time.perf_counter()
+    prompt = model.embed(inputs.prompts, inputs.images)
+    seconds = {"embed": time.perf_counter() - start}
+    model.step(with_generated(model, prompt, points[0], seed), model.new_cache(len(inputs.prompts)), policy)  # warm-up
+    for t in points:
+        batch = with_generated(model, prompt, t, seed)
+        start = time.perf_counter()
+        model.step(batch, model.new_cache(len(inputs.prompts)), policy)
+        seconds[t] = time.perf_counter() - start
+    return seconds
+
+
+def total_from_steps(step_seconds: dict[int | str, float], n_tokens: int) -> float:
+    """The embedding plus the step times for t = 0 .. n_tokens - 1, steps between measured points
+    interpolated linearly."""
+    known = sorted((t, s) for t, s in step_seconds.items() if t != "embed")
+    total = step_seconds["embed"]
+    for t in range(n_tokens):
+        for (t0, s0), (t1, s1) in zip(known, known[1:]):
+            if t0 <= t <= t1:
+                total += s0 + (s1 - s0) * (t - t0) / (t1 - t0)
+                break
+        else:
+            raise ValueError(f"step {t} is outside the measured points {[p for p, _ in known]}")
+    return total
 
 
 @torch.inference_mode()
 def uncached_decode_seconds(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy,
-                            lengths: list[int]) -> dict[int, float]:
-    """Seconds to generate each of `lengths` tokens greedily, recomputing the whole sequence per token."""
+                            n_tokens: int) -> float:
+    """Seconds to generate `n_tokens` greedily, recomputing the whole sequence per token (a real run)."""
     start = time.perf_counter()
     batch = model.embed(inputs.prompts, inputs.images)
     out = model.step(batch, model.new_cache(len(inputs.prompts)), policy)
     positions = batch.lengths.clone()
-    times = {}
-    for step in range(1, max(lengths) + 1):
+    for _ in range(n_tokens - 1):
         tokens = out.logits.argmax(-1)
-        if step in lengths:
-            times[step] = time.perf_counter() - start
-        if step == max(lengths):
-            break
         batch = append_token(batch, model.model.embed_tokens(tokens[:, None]), positions)
         out = model.step(batch, model.new_cache(len(inputs.prompts)), policy)
         positions = positions + 1
-    return times
+    return time.perf_counter() - start
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.window < 1 or not args.lengths:
+        raise UserError("--batch-size and --window must be >= 1, and --lengths not empty")
+    if args.check_length < 0 or args.no_cache_check < 0:
+        raise UserError("--check-length and --no-cache-check must be >= 0")
+    if args.lengths[0] < args.window + 2:
+        raise UserError(f"every --lengths value must be >= --window + 2 = {args.window + 2}")
+    if 0 < args.check_length < args.window + 2:
+        raise UserError(f"--check-length must be 0 or >= --window + 2 = {args.window + 2}")
+    if args.no_cache_lengths and args.no_cache_points < 2:
+        raise UserError("--no-cache-points must be >= 2")
+    if args.no_cache_lengths and args.no_cache_check > max(args.no_cache_lengths):
+        raise UserError("--no-cache-check must not exceed the largest --no-cache-lengths value")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.window < 1 or not args.lengths:
-        raise UserError("--batch-size and --window must be >= 1, and --lengths not empty")
-    plot = None
+    _check_arguments(args)
     if args.plot:
         try:
             import matplotlib
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install matplotlib") from None
         matplotlib.use("Agg")
-        plot = args.plot
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     model = build_model(shape, dtype, args.seed)
-    inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    inputs = make_inputs(1, args.prompt_text_tokens, shape.vision, args.seed)
+    batch_inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed)
     rule = calibrate_output_predictor(model, inputs, n_tokens=32)
     policies = {"dense": DensePolicy(), "sparse": model.default_policy()}
-    result: dict[str, Any] = {"shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size,
-                              "prompt_tokens": args.prompt_text_tokens + inputs.image_tokens,
-                              "output_keep_rule": rule, "with_cache": {}, "without_cache_seconds": {}}
-    for name, policy in policies.items():
-        print(f"{name}: cached decode to {max(args.lengths)} tokens ...", flush=True)
-        result["with_cache"][name] = cached_decode(model, inputs, policy, args.lengths, args.window)
-    if args.no_cache_lengths:
+    prompt_tokens = args.prompt_text_tokens + inputs.image_tokens
+    with torch.inference_mode():
+        prompt_kept = {name: int(model.step(model.embed(inputs.prompts, inputs.images), model.new_cache(1),
+                                            policy).keep.sum()) for name, policy in policies.items()}
+    result: dict[str, Any] = {
+        "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size, "prompt_tokens": prompt_tokens,
+        "prompt_tokens_kept": prompt_kept, "threads": torch.get_num_threads(), "weights_bytes": weights,
+        "output_keep_rule": rule, "method": METHOD,
+        "check": {}, "with_cache": {}, "without_cache": {}}
+
+    keep_fraction = {"dense": 1.0, "sparse": 0.5}
+    if args.check_length:
         for name, policy in policies.items():
-            print(f"{name}: decode without cache to {max(args.no_cache_lengths)} tokens ...", flush=True)
-            result["without_cache_seconds"][name] = uncached_decode_seconds(model, inputs, policy,
-                                                                            args.no_cache_lengths)
-    _print_table(result)
-    if plot:
-        _plot(result, plot)
+            print(f"{name}: real decode of {args.check_length} tokens ...", flush=True)
+            real = real_decode(model, inputs, policy, args.check_length, args.batch_size, args.window)
+            keep_fraction[name] = real["output_keep_fraction"]
+            filled = filled_decode(model, inputs, policy, args.check_length, keep_fraction[name], args.batch_size,
+                                   args.window, args.seed)
+            result["check"][name] = {"real": real, "filled": filled,
+                                     "filled_over_real": filled["seconds_per_token"] / real["seconds_per_token"]}
+    result["output_keep_fraction"] = keep_fraction
+
+    for length in args.lengths:
+        for name, policy in policies.items():
+            gc.collect()
+            kept = round(keep_fraction[name] * length)
+            need = cache_bytes_needed(model, args.batch_size, prompt_tokens, prompt_kept[name], length, kept)
+            free = available_memory()
+            point: dict[str, Any] = {"output_tokens": length, "kv_cache_bytes_needed": need}
+            if need * 1.25 + _ACTIVATION_MARGIN > free:  # the cache grows by up to 25 % at a time
+                point.update(fits=False, available_bytes=free)
+                print(f"{name}: {length} tokens: the KV cache needs {need / 2**30:.1f} GiB, "
+                      f"{free / 2**30:.1f} GiB available: not run", flush=True)
+            else:
+                print(f"{name}: decode at {length} output tokens ...", flush=True)
+                point.update(fits=True, **filled_decode(model, inputs, policy, length, keep_fraction[name],
+                                                        args.batch_size, args.window, args.seed))
+            result["with_cache"].setdefault(name, []).append(point)
+
+    if args.no_cache_lengths:
+        longest = max(args.no_cache_lengths)
+        points = sorted({round(i * (longest - 1) / (args.no_cache_points - 1)) for i in range(args.no_cache_points)})
+        for name, policy in policies.items():
+            print(f"{name}: uncached steps at {points} output tokens ...", flush=True)
+            steps = uncached_step_seconds(model, batch_inputs, policy, points, args.seed)
+            entry: dict[str, Any] = {"step_seconds": steps,
+                                     "total_seconds": {n: total_from_steps(steps, n) for n in args.no_cache_lengths}}
+            if args.no_cache_check:
+                print(f"{name}: real uncached decode of {args.no_cache_check} tokens ...", flush=True)
+                real = uncached_decode_seconds(model, batch_inputs, policy, args.no_cache_check)
+                estimate = total_from_steps(steps, args.no_cache_check)
+                entry["check"] = {"output_tokens": args.no_cache_check, "real_seconds": real,
+                                  "estimated_seconds": estimate, "estimate_over_real": estimate / real}
+            result["without_cache"][name] = entry
+
+    _print_tables(result)
+    if args.plot:
+        _plot(result, args.plot)
     if args.json:
         write_json(args.json, result)
     return 0
 
 
-def _print_table(result: dict[str, Any]) -> None:
-    print(f"\n{result['shape']}, {result['dtype']}, batch {result['batch_size']}, "
-          f"prompt {result['prompt_tokens']} tokens; {result['output_keep_rule']}")
-    print(f"{'with KV cache':>14}{'dense s/tok':>13}{'sparse s/tok':>14}{'dense KV MiB':>14}{'sparse KV MiB':>15}"
-          f"{'KV ratio':>10}")
+def _kv_bytes(point: dict[str, Any]) -> int:
+    return point["kv_cache_bytes"] if point["fits"] else point["kv_cache_bytes_needed"]
+
+
+def _print_tables(result: dict[str, Any]) -> None:
+    print(f"\n{result['shape']}, {result['dtype']}, batch {result['batch_size']}, prompt {result['prompt_tokens']} "
+          f"tokens ({result['prompt_tokens_kept']['sparse']} kept by Dynamic-LLaVA), {result['threads']} threads")
+    print(f"output-text predictor: {result['output_keep_rule']}")
+    for name, check in result["check"].items():
+        print(f"check ({name}): real decode {check['real']['seconds_per_token']:.4f} s/token, filled cache "
+              f"{check['filled']['seconds_per_token']:.4f} s/token at {check['real']['output_tokens']} tokens "
+              f"(filled / real {check['filled_over_real']:.3f})")
+    print(f"\n{'with KV cache':>14}{'dense s/tok':>13}{'sparse s/tok':>14}{'ratio':>8}{'dense KV MiB':>14}"
+          f"{'sparse KV MiB':>15}{'KV ratio':>10}{'kept out':>10}")
     for dense, sparse in zip(result["with_cache"]["dense"], result["with_cache"]["sparse"]):
-        ratio = sparse["kv_cache_bytes"] / dense["kv_cache_bytes"]
-        print(f"{dense['output_tokens']:>14}{dense['seconds_per_token']:>13.4f}{sparse['seconds_per_token']:>14.4f}"
-              f"{dense['kv_cache_bytes'] / 2**20:>14.1f}{sparse['kv_cache_bytes'] / 2**20:>15.1f}{ratio:>10.3f}")
-    if result["without_cache_seconds"]:
-        dense, sparse = result["without_cache_seconds"]["dense"], result["without_cache_seconds"]["sparse"]
-        print(f"{'without cache':>14}{'dense s':>13}{'sparse s':>14}{'ratio':>14}")
-        for length in dense:
-            print(f"{length:>14}{dense[length]:>13.2f}{sparse[length]:>14.2f}{sparse[length] / dense[length]:>14.3f}")
+        line = f"{dense['output_tokens']:>14}"
+        for point in (dense, sparse):
+            line += f"{point['seconds_per_token']:>13.4f}" if point["fits"] else f"{'(no fit)':>13}"
+        both = dense["fits"] and sparse["fits"]
+        line += f"{sparse['seconds_per_token'] / dense['seconds_per_token']:>8.3f}" if both else f"{'-':>8}"
+        mib = [_kv_bytes(p) / 2**20 for p in (dense, sparse)]
+        line += f"{mib[0]:>14.1f}{mib[1]:>15.1f}{mib[1] / mib[0]:>10.3f}"
+        line += f"{sparse['output_tokens_kept']:>10}" if sparse["fits"] else f"{'-':>10}"
+        print(line)
+    print("(KV MiB: held after that many output tokens, computed from the entry counts where not run; "
+          "'(no fit)': more than the RAM available here)")
+    if result["without_cache"]:
+        dense, sparse = result["without_cache"]["dense"], result["without_cache"]["sparse"]
+        print(f"\n{'without cache':>14}{'dense s':>13}{'sparse s':>14}{'ratio':>8}")
+        for n, seconds in dense["total_seconds"].items():
+            other = sparse["total_seconds"][n]
+            print(f"{n:>14}{seconds:>13.1f}{other:>14.1f}{other / seconds:>8.3f}")
+        for name, entry in result["without_cache"].items():
+            if "check" in entry:
+                c = entry["check"]
+                print(f"check ({name}): {c['output_tokens']} tokens really took {c['real_seconds']:.1f} s, "
+                      f"estimated {c['estimated_seconds']:.1f} s (estimate / real {c['estimate_over_real']:.3f})")
 
 
 def _plot(result: dict[str, Any], path: str) -> None:
@@ -149,10 +342,12 @@ def _plot(result: dict[str, Any], path: str) -> None:
 
     fig, (kv_axis, latency_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for name, points in result["with_cache"].items():
-        lengths = [p["output_tokens"] for p in points]
-        kv_axis.plot(lengths, [p["kv_cache_bytes"] / 2**20 for p in points], marker="o", label=name)
-        latency_axis.plot(lengths, [p["seconds_per_token"] * 1000 for p in points], marker="o", label=name)
-    kv_axis.set(xlabel="output tokens", ylabel="KV cache (MiB)", title="KV-cache bytes")
+        kv_axis.plot([p["output_tokens"] for p in points], [_kv_bytes(p) / 2**30 for p in points],
+                     marker="o", label=name)
+        run = [p for p in points if p["fits"]]
+        latency_axis.plot([p["output_tokens"] for p in run], [p["seconds_per_token"] * 1000 for p in run],
+                          marker="o", label=name)
+    kv_axis.set(xlabel="output tokens", ylabel="KV cache (GiB)", title="KV-cache bytes")
     latency_axis.set(xlabel="output tokens", ylabel="ms per token", title="decode latency (KV cache)")
     for axis in (kv_axis, latency_axis):
         axis.legend()

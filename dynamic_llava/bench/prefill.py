@@ -210,6 +210,7 @@ class Decoder:
         self.tokens = out.logits.argmax(-1)
         self.positions = batch.lengths.clone()
         self.outputs_kept = torch.zeros_like(self.positions)
+        self.fed = 0  # generated tokens the cache accounts for (decoded or filled)
         self.seconds: list[float] = []
 
     def step(self) -> None:
@@ -219,13 +220,48 @@ class Decoder:
         self.seconds.append(time.perf_counter() - start)
         self.outputs_kept += out.keep[:, 0]
         self.positions += 1
+        self.fed += 1
+
+    def replicate(self, batch_size: int) -> None:
+        """Turn a batch-1 state into `batch_size` identical samples (costs as much to decode as distinct
+        ones, without a batch-sized prefill)."""
+        rows = torch.zeros(batch_size, dtype=torch.long)
+        self.cache.select(rows)
+        for name in ("prompt_lengths", "prompt_kept", "tokens", "positions", "outputs_kept"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.prefill_bytes *= batch_size
+
+    def fill(self, n_generated: int, n_kept: int, sparse_layer: int, seed: int = 0) -> None:
+        """Append the cache entries `n_generated` more generated tokens leave behind, of which `n_kept` enter
+        the layers >= sparse_layer (random K/V at the cached entries' scale, true positions), and move on as
+        if they had been decoded: a step's cost depends on how many entries each layer holds, not on what
+        they hold, so long outputs can be timed without decoding every token first."""
+        generator = torch.Generator().manual_seed(seed)
+        b = len(self.positions)
+        every = torch.arange(n_generated)
+        kept = (torch.arange(n_kept) * n_generated) // max(n_kept, 1)  # spread evenly over the span
+        for index, layer in enumerate(self.cache.layers):
+            offsets = every if index < sparse_layer else kept
+            n = len(offsets)
+            if n == 0:
+                continue
+            used = layer.k[:, :, :int(layer.lengths.max())]
+            scale = float(used.float().std())
+            k = (torch.randn(b, used.shape[1], n, used.shape[3], generator=generator) * scale).to(used.dtype)
+            v = (torch.randn(b, used.shape[1], n, used.shape[3], generator=generator) * scale).to(used.dtype)
+            positions = self.positions[:, None] + offsets[None, :]
+            n_new = torch.full((b,), n, dtype=torch.long)
+            layer.write(k, v, positions, n_new)
+            layer.commit(n_new)
+        self.positions += n_generated
+        self.outputs_kept += n_kept
+        self.fed += n_generated
 
     def kv_report(self, sparse_layer: int) -> dict[str, Any]:
         """KV bytes, and whether every layer holds exactly the expected entries."""
         lengths = self.cache.lengths()  # [L, B]
-        fed = len(self.seconds)
         late_expected = self.prompt_kept + self.outputs_kept  # text + kept image + kept output tokens
-        ok = bool((lengths[:sparse_layer] == self.prompt_lengths + fed).all()
+        ok = bool((lengths[:sparse_layer] == self.prompt_lengths + self.fed).all()
                   and (lengths[sparse_layer:] == late_expected).all())
         per_entry = self.cache.bytes_per_entry()
         return {
