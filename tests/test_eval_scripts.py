@@ -1,4 +1,5 @@
-"""scripts/eval/{vqav2,gqa}.sh end to end on the tiny checkpoint: 2 CPU chunks, merge, converters, scorer."""
+"""The seed's evaluation commands (`bash run/dynamic_eval/eval_for_{vqav2,gqa}.sh`, which run
+scripts/eval/{vqav2,gqa}.sh) end to end on the tiny checkpoint: 2 CPU chunks, merge, converters, scorer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "eval"
+SCRIPTS = Path(__file__).resolve().parents[1] / "run" / "dynamic_eval"
 QUESTIONS = [(11, "a.png", "What color?"), (12, "b.png", "Is it blue?"), (13, "a.png", "What is it?")]
 
 
@@ -32,9 +33,9 @@ def _write_images(folder: Path) -> None:
     Image.new("RGB", (32, 48), (20, 20, 220)).save(folder / "b.png")
 
 
-@pytest.mark.parametrize("script", ["vqav2.sh", "gqa.sh"])
+@pytest.mark.parametrize("script", ["eval_for_vqav2.sh", "eval_for_gqa.sh"])
 def test_script_end_to_end(script: str, tiny_llava_dir: Path, tmp_path: Path) -> None:
-    if script == "vqav2.sh":
+    if script == "eval_for_vqav2.sh":
         split = "llava_vqav2_mscoco_test-dev2015"
         _write_images(tmp_path / "test2015")
         _write_questions(tmp_path / f"{split}.jsonl")
@@ -49,7 +50,7 @@ def test_script_end_to_end(script: str, tiny_llava_dir: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr[-2000:]
     merged = tmp_path / "answers" / split / "tiny" / "merge.jsonl"
     assert [json.loads(line)["question_id"] for line in merged.read_text().splitlines()] == [11, 12, 13]
-    if script == "vqav2.sh":
+    if script == "eval_for_vqav2.sh":
         upload = json.loads((tmp_path / "answers_upload" / split / "tiny.json").read_text())
         assert [u["question_id"] for u in upload] == [11, 12, 13]
     else:
