@@ -238,9 +238,10 @@ def stream_answer(controller: str, state: ChatState, model_name: str | None, tem
         yield fail("The worker sent no answer.")
         return
     turn.answer = worker_client.answer_text(last.text, payload["prompt"])
-    stats = last.stats or {}
-    yield Update(state, overlay=overlay_for(state, stats), stats=format_stats(stats, sparse) if stats else "",
-                 done=True)
+    if not last.stats:
+        yield Update(state, stats="_The worker sent no stats for this answer._", done=True)
+        return
+    yield Update(state, overlay=overlay_for(state, last.stats), stats=format_stats(last.stats, sparse), done=True)
 
 
 # ----------------------------------------------------------------------------- the page
@@ -319,10 +320,11 @@ def build_demo(controller: str, models: Sequence[str], model_list_mode: str, con
                     sparse = gr.Checkbox(value=True, label="sparse (drop tokens)", elem_id="sparse")
                     keep_rate = gr.Slider(0.05, 1.0, value=DEFAULT_VISION_KEEP_RATE, step=0.05,
                                           label="vision keep rate", elem_id="keep-rate")
-                with gr.Accordion("Parameters", open=False):
+                with gr.Accordion("Parameters", open=False, elem_id="parameters"):
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
                     top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
-                    max_output_tokens = gr.Slider(0, 1024, value=512, step=64, label="Max output tokens")
+                    max_output_tokens = gr.Slider(16, 1024, value=512, step=16, label="Max output tokens",
+                                                  elem_id="max-tokens")
             with gr.Column(scale=7):
                 chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy"],
                                      feedback_options=None)

@@ -79,7 +79,10 @@ def get_worker_address(controller: str, model: str) -> str:
 
 
 def split_chunks(pieces: Iterator[bytes]) -> Iterator[bytes]:
-    """Reassemble b"\\0"-separated chunks from arbitrary network pieces (empty chunks skipped)."""
+    """Reassemble b"\\0"-separated chunks from arbitrary network pieces (empty chunks skipped).
+
+    A last chunk without its b"\\0" is passed on too: whole, it parses; cut off, it fails to parse.
+    """
     buffer = b""
     for piece in pieces:
         buffer += piece
