@@ -242,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size, "prompt_tokens": prompt_tokens,
         "prompt_tokens_kept": prompt_kept, "threads": torch.get_num_threads(), "weights_bytes": weights,
+        "load_average_1min_start": os.getloadavg()[0],
         "output_keep_rule": rule, "method": METHOD,
         "check": {}, "with_cache": {}, "without_cache": {}}
 
@@ -290,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
                                   "estimated_seconds": estimate, "estimate_over_real": estimate / real}
             result["without_cache"][name] = entry
 
+    result["load_average_1min_end"] = os.getloadavg()[0]  # other jobs on the machine inflate absolute times
     _print_tables(result)
     if args.plot:
         _plot(result, args.plot)
