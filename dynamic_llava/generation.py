@@ -1,17 +1,23 @@
 """The one generation loop: batched prefill and decoding (with or without KV cache), sampling, stop
 strings, streaming, and per-sample efficiency stats. CLI, evaluation and servers all call this.
+
+Samples of a batch may each have their own `GenerationConfig` (servers batch requests with different
+settings), and a `Session` carries one conversation's KV cache from one turn to the next.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .constants import IMAGE_TOKEN_INDEX
 from .errors import UserError
 from .model.batch import IMAGE, OUTPUT, TokenBatch
+from .model.cache import SparseKVCache
 from .model.llava import DynamicLlavaForCausalLM
 from .model.policy import TokenPolicy
 
@@ -41,6 +47,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "eos" | "stop" | "length"
     prompt_tokens: int = 0  # after image expansion
+    context_tokens: int = 0  # earlier turns of a Session already in the cache (positions before the prompt)
     image_tokens: int = 0
     image_tokens_kept: int = 0
     image_keep: list[list[bool]] = field(default_factory=list)  # per image, per patch (row-major)
@@ -65,6 +72,34 @@ class GenerationResult:
         }
 
 
+@dataclass
+class Session:
+    """One conversation's KV cache across turns (batch size 1).
+
+    `stream_generate(..., session=s)` prefills the turn's new tokens into the cache after what it holds,
+    at their true positions, instead of re-encoding the conversation; it then leaves the cache, the
+    position of the next token and the last sampled token (which never entered the cache) for the next
+    turn. Earlier decisions stand: dropped image / generated tokens of earlier turns stay dropped.
+    """
+
+    cache: SparseKVCache | None = None
+    next_position: int = 0
+    last_token: int | None = None
+
+
+def expanded_length(model: DynamicLlavaForCausalLM, input_ids: Sequence[int] | torch.Tensor) -> int:
+    """Tokens a prompt takes in the model: each IMAGE_TOKEN_INDEX placeholder becomes its image's tokens."""
+    ids = torch.as_tensor(input_ids)
+    n_images = int((ids == IMAGE_TOKEN_INDEX).sum())
+    if not n_images:
+        return len(ids)
+    tower = model.model.vision_tower
+    if tower is None:
+        raise UserError("this model has no vision tower attached; load it with load_pretrained_model")
+    per_image = tower.num_patches + (tower.select_feature == "cls_patch")
+    return len(ids) + n_images * (per_image - 1)
+
+
 def as_prompt_list(input_ids: Sequence[Sequence[int]] | torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Prompts as a list of 1-D id tensors; a padded [B, T] tensor is unpadded with its attention mask."""
@@ -86,6 +121,34 @@ def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
         sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= config.top_p] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sample_rows(logits: torch.Tensor, configs: Sequence[GenerationConfig],
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """`_sample` with each row's own temperature / top_p (one call when the rows share them)."""
+    settings = [(c.temperature, c.top_p) for c in configs]
+    if len(set(settings)) == 1:
+        return _sample(logits, configs[0], generator)
+    tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
+    for setting in dict.fromkeys(settings):
+        rows = [r for r, s in enumerate(settings) if s == setting]
+        tokens[rows] = _sample(logits[rows], configs[rows[0]], generator)
+    return tokens
+
+
+def _per_sample_configs(config: GenerationConfig | Sequence[GenerationConfig] | None,
+                        b: int) -> list[GenerationConfig]:
+    if config is None or isinstance(config, GenerationConfig):
+        configs = [config or GenerationConfig()] * b
+    else:
+        configs = list(config)
+        if len(configs) != b:
+            raise UserError(f"got {len(configs)} generation configs for {b} prompts")
+        if len({(c.use_cache, c.seed) for c in configs}) > 1:
+            raise UserError("use_cache and seed must be the same for every sample of a batch")
+    for c in configs:
+        c.validate()
+    return configs
 
 
 def append_token(batch: TokenBatch, embeds: torch.Tensor, positions: torch.Tensor) -> TokenBatch:
@@ -142,56 +205,78 @@ class _StopTracker:
 
 
 def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
-                    images: Sequence[torch.Tensor | None] | None = None, config: GenerationConfig | None = None,
+                    images: Sequence[torch.Tensor | None] | None = None,
+                    config: GenerationConfig | Sequence[GenerationConfig] | None = None,
                     policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None,
+                    *, session: Session | None = None,
+                    on_finish: Callable[[int, GenerationResult], None] | None = None,
                     ) -> Iterator[list[str]]:
     """Yields, after each decoding step, the new text of every sample ('' when nothing new).
 
-    The generator's return value (StopIteration.value) is the list of GenerationResult.
+    The generator's return value (StopIteration.value) is the list of GenerationResult. `config` is one
+    GenerationConfig for all samples or one per sample (`use_cache` and `seed` shared). `on_finish(i,
+    result)` is called as soon as sample i is complete, before the step's text is yielded. `session`
+    (one prompt: the turn's new tokens) continues a conversation in its KV cache.
     """
-    config = config or GenerationConfig()
-    config.validate()
-    policy = policy or model.default_policy()
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    generator = torch.Generator(device=model.device).manual_seed(config.seed) if config.seed is not None else None
     prompts = as_prompt_list(input_ids, attention_mask)
     b = len(prompts)
-    trackers = [_StopTracker(tokenizer, config.stop_strings, eos) for _ in range(b)]
-    results = [GenerationResult() for _ in range(b)]
+    configs = _per_sample_configs(config, b)
+    use_cache = configs[0].use_cache
+    offset = 0
+    if session is not None:
+        if b != 1 or not use_cache:
+            raise UserError("a Session continues one conversation: one prompt, decoding with the cache")
+        offset = session.next_position
+    policy = policy or model.default_policy()
+    seed = configs[0].seed
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    trackers = [_StopTracker(tokenizer, c.stop_strings,
+                             c.eos_token_id if c.eos_token_id is not None else tokenizer.eos_token_id)
+                for c in configs]
+    results = [GenerationResult(context_tokens=offset) for _ in range(b)]
 
     with torch.inference_mode():
         start = time.perf_counter()
         batch = model.embed(prompts, images)
+        if offset:
+            batch = dataclasses.replace(
+                batch, positions=torch.where(batch.valid, batch.positions + offset, batch.positions))
         context = model.config.max_position_embeddings
-        for i, n in enumerate(batch.lengths.tolist()):
-            if n + config.max_new_tokens > context:
-                raise UserError(f"prompt {i} is {n} tokens (images expanded); with max_new_tokens "
-                                f"{config.max_new_tokens} it exceeds the context length {context}")
-        cache = model.new_cache(b)
+        for i, (n, c) in enumerate(zip(batch.lengths.tolist(), configs)):
+            if offset + n + c.max_new_tokens > context:
+                earlier = f" after {offset} tokens of conversation" if offset else ""
+                raise UserError(f"prompt {i} is {n} tokens (images expanded){earlier}; with max_new_tokens "
+                                f"{c.max_new_tokens} it exceeds the context length {context}")
+        cache = session.cache if session is not None and session.cache is not None else model.new_cache(b)
         out = model.step(batch, cache, policy)
         prefill_seconds = time.perf_counter() - start
         _record_prefill(results, batch, out.keep, prefill_seconds)
 
         # Rows of the running batch -> sample index; finished samples leave the batch (and the cache).
         active = torch.arange(b)
-        positions = batch.lengths.clone()
+        positions = batch.lengths + offset
         decode_start = time.perf_counter()
-        for step_index in range(config.max_new_tokens):
-            tokens = _sample(out.logits, config, generator)
+        for step_index in range(max(c.max_new_tokens for c in configs)):
+            tokens = _sample_rows(out.logits, [configs[i] for i in active.tolist()], generator)
             still_running = []
             for row, (i, token) in enumerate(zip(active.tolist(), tokens.tolist())):
                 trackers[i].add(token)
                 results[i].output_tokens += 1
-                if trackers[i].finish_reason is None and step_index < config.max_new_tokens - 1:
+                if trackers[i].finish_reason is None and step_index < configs[i].max_new_tokens - 1:
                     still_running.append(row)
                     continue
                 results[i].decode_seconds = time.perf_counter() - decode_start
-                if not config.use_cache:
+                if not use_cache:
                     # The recomputed sequence re-decides every earlier output token (same predictor, same
                     # inputs): its last step's view covers all fed tokens.
                     fed = slice(results[i].prompt_tokens, results[i].prompt_tokens + results[i].output_tokens - 1)
                     results[i].output_keep = out.keep[row, fed].tolist()
                 _record_cache(results[i], cache, row, model.config.num_hidden_layers)
+                results[i].text = trackers[i].text
+                results[i].token_ids = list(trackers[i].ids)
+                results[i].finish_reason = trackers[i].finish_reason or "length"
+                if on_finish is not None:
+                    on_finish(i, results[i])
             yield [t.release() for t in trackers]
             if not still_running:
                 break
@@ -199,9 +284,9 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
                 rows = torch.tensor(still_running, device=tokens.device)
                 active, tokens, positions = active[still_running], tokens[rows], positions[rows]
                 cache.select(rows)
-                if not config.use_cache:
+                if not use_cache:
                     batch = batch.select(rows)
-            if config.use_cache:
+            if use_cache:
                 out = model.step(model.embed_generated(tokens, positions), cache, policy)
                 decisions = out.keep[:, 0]
             else:
@@ -213,18 +298,19 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
             for i, decision in zip(active.tolist(), decisions.tolist()):
                 results[i].output_keep.append(bool(decision))
 
-    for result, tracker in zip(results, trackers):
-        result.text = tracker.text
-        result.token_ids = list(tracker.ids)
-        result.finish_reason = tracker.finish_reason or "length"
+    if session is not None:
+        # the last sampled token never entered the cache: the next turn starts at its position
+        session.cache, session.next_position, session.last_token = cache, int(positions[0]), int(tokens[0])
     return results
 
 
 def generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
-             images: Sequence[torch.Tensor | None] | None = None, config: GenerationConfig | None = None,
-             policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None) -> list[GenerationResult]:
+             images: Sequence[torch.Tensor | None] | None = None,
+             config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+             policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None,
+             *, session: Session | None = None) -> list[GenerationResult]:
     """Generate for a batch of prompts; each sample's output equals what it gives alone (greedy)."""
-    stream = stream_generate(model, tokenizer, input_ids, images, config, policy, attention_mask)
+    stream = stream_generate(model, tokenizer, input_ids, images, config, policy, attention_mask, session=session)
     while True:
         try:
             next(stream)
@@ -250,5 +336,6 @@ def _record_cache(result: GenerationResult, cache, sample: int, num_layers: int)
     result.output_tokens_kept = sum(result.output_keep) if held is None else held
     per_entry = cache.bytes_per_entry()
     result.kv_cache_bytes = int(cache.lengths()[:, sample].sum()) * per_entry
-    # dense holds every prompt token and every generated token fed back, in every layer
-    result.kv_cache_bytes_dense = num_layers * (result.prompt_tokens + result.output_tokens - 1) * per_entry
+    # dense holds every token of earlier turns, every prompt token and every generated token fed back, in every layer
+    fed = result.context_tokens + result.prompt_tokens + result.output_tokens - 1
+    result.kv_cache_bytes_dense = num_layers * fed * per_entry
