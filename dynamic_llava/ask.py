@@ -23,7 +23,8 @@ from .visualize import kept_patches_overlay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-path", required=True, help="checkpoint folder (LLaVA, llava-hf or Dynamic-LLaVA)")
+    parser.add_argument("--model-path", default=None, help="checkpoint folder (LLaVA, llava-hf or Dynamic-LLaVA; "
+                        "default: the bundled demo model, a tiny Dynamic-LLaVA trained on `data synth` scenes)")
     parser.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
     parser.add_argument("--image-file", default="", help="image path(s), separated by --sep")
     parser.add_argument("--sep", default=",", help="separator between several --image-file paths")
@@ -42,6 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-mask", default=None, help="PNG showing the kept image patches (dropped: grey)")
 
 
+def bundled_model_path() -> Path:
+    """The demo model shipped in the package (`dynamic-llava demo export` writes it)."""
+    from .demo.export import BUNDLED_MODEL
+
+    if not (BUNDLED_MODEL / "config.json").is_file():
+        raise UserError(f"no --model-path given and the bundled demo model is missing ({BUNDLED_MODEL}); "
+                        "pass --model-path or rebuild it with `dynamic-llava demo export`")
+    return BUNDLED_MODEL
+
+
 def run(args: argparse.Namespace) -> int:
     from .model.loading import load_pretrained_model  # heavy import, after argument checks
 
@@ -54,11 +65,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--save-mask needs an --image-file")
         if not Path(args.save_mask).resolve().parent.is_dir():
             raise UserError(f"folder for --save-mask does not exist: {Path(args.save_mask).parent}")
+    model_path = args.model_path or bundled_model_path()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=device, dtype=args.dtype,
+        model_path, args.model_base, device=device, dtype=args.dtype,
         **sparsity_overrides(args))
-    conv_mode = args.conv_mode or infer_conv_mode(get_model_name_from_path(args.model_path))
+    conv_mode = args.conv_mode or infer_conv_mode(get_model_name_from_path(model_path))
     request = prepare_request(args.query, images, tokenizer, image_processor, model.config, conv_mode)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               stop_strings=[request.stop], use_cache=not args.no_cache, seed=args.seed)

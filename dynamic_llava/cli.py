@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import ask
     from .bench import decode, flops, prefill, train_step
     from .data import synth
-    from .demo import train_chain
+    from .demo import compare, export, train_chain
 
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = demo.add_parser("train", help="train the whole chain from scratch (data, stages 1-3) and evaluate it")
     train_chain.add_arguments(p)
     p.set_defaults(handler=train_chain.run)
+    p = demo.add_parser("export", help="write the bundled demo model and sample images from a chain's stage 3")
+    export.add_arguments(p)
+    p.set_defaults(handler=export.run)
+    p = demo.add_parser("compare", help="dense / Dynamic-LLaVA / FastV / random / H2O on a chain's model: "
+                        "JSON, tables and plots")
+    compare.add_arguments(p)
+    p.set_defaults(handler=compare.run)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import UserError
 from ..model.config import SparseConfig
@@ -79,7 +80,7 @@ def _image_predictor_flops(shape: Shape, n: int) -> float:
 
 
 def exact_prefill_flops(shape: Shape, schedule: Schedule, text_tokens: int, image_tokens: int,
-                        causal: bool = True) -> float:
+                        causal: bool = True, vocab: int = VOCAB) -> float:
     """Every matmul of one sample's prefill (one image). `causal=False` counts full attention squares,
     as operator-level counters do for fused attention kernels."""
     c, layers = shape.llm["hidden_size"], shape.llm["num_hidden_layers"]
@@ -91,7 +92,19 @@ def exact_prefill_flops(shape: Shape, schedule: Schedule, text_tokens: int, imag
     total += (layers - schedule.from_layer) * _decoder_layer_flops(shape, reduced, causal)
     if schedule.uses_image_predictor:
         total += _image_predictor_flops(shape, image_tokens)
-    return total + 2 * c * VOCAB  # LM head, last token
+    return total + 2 * c * vocab  # LM head, last token
+
+
+def shape_from_configs(model_config: Any, tower_config: Any) -> Shape:
+    """The `Shape` of a loaded checkpoint: its LLaMA config (with `sparse_config`) and CLIP vision config."""
+    llm = {k: getattr(model_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                 "num_attention_heads")}
+    llm["num_key_value_heads"] = getattr(model_config, "num_key_value_heads", None) or llm["num_attention_heads"]
+    vision = {k: getattr(tower_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                    "num_attention_heads", "image_size", "patch_size")}
+    sparse = SparseConfig.from_dict(getattr(model_config, "sparse_config", None))
+    return Shape(llm, vision, {"d_model": sparse.d_model, "nhead": sparse.nhead,
+                               "dim_feedforward": sparse.dim_feedforward, "num_layers": sparse.num_layers})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@
 2. stage 1, feature alignment: projector only, `plain` template, captions (DIR/stage1/mm_projector.bin);
 3. stage 2, instruction tuning: LLM + projector + tower (there is no pre-trained CLIP here, so the tower
    must learn), `v1` template: the dense LLaVA (DIR/stage2);
-4. stage 3, Dynamic-LLaVA sparsification training (vision keep 0.2, output-text keep 0.5): DIR/stage3;
+4. stage 3, Dynamic-LLaVA sparsification training (vision keep 0.2, output-text keep 0.5): DIR/stage3
+   (from DIR/stage3_start: stage 2's files linked, with a `sparse_config` sizing the fresh predictors);
 5. evaluation of both on the test split (`model_vqa_loader` + `score_synth`), printed as a table and
    written to DIR/summary.json with the majority baselines and the wall time of each stage.
 
@@ -55,6 +56,10 @@ class Recipe:
     # Descriptions are 150-340 tokens, short answers 1-3: any threshold in between selects exactly the
     # descriptions for output-token decisions.
     output_text_len: int = 64
+    # Predictor width: SPEC's 512 / 2048 would be twice the LLM's width and most of the bundled model's bytes
+    predictor_d_model: int = 128
+    predictor_heads: int = 4
+    predictor_ff: int = 512
     bf16: bool = True
     eval_batch_size: int = 32
 
@@ -114,11 +119,26 @@ def stage2(recipe: Recipe, data: Path, start: Path, projector: Path, out: Path, 
            "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr)])
 
 
+def sparse_start(recipe: Recipe, dense: Path, out: Path) -> Path:
+    """The stage-3 start: the dense checkpoint's files (linked) with a `sparse_config` sizing the predictors,
+    which loading then initialises fresh (the dense folder itself stays a plain LLaVA-1.5 checkpoint)."""
+    out.mkdir(parents=True)
+    for item in dense.iterdir():
+        if item.name not in ("config.json", "trainer_state.json", "training_args.bin"):
+            (out / item.name).symlink_to(item.resolve())
+    config = json.loads((dense / "config.json").read_text(encoding="utf-8"))
+    config["sparse_config"] = {"d_model": recipe.predictor_d_model, "nhead": recipe.predictor_heads,
+                               "dim_feedforward": recipe.predictor_ff}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
 def stage3(recipe: Recipe, data: Path, dense: Path, out: Path, seed: int) -> None:
     """Dynamic-LLaVA sparsification training on top of the dense model (tower frozen, as in the paper)."""
     from ..train.train import train
 
-    train(["--model_name_or_path", str(dense),
+    start = sparse_start(recipe, dense, out.parent / f"{out.name}_start")
+    train(["--model_name_or_path", str(start),
            # An explicit path: the output then names the stage-2 tower rather than a folder of its own
            "--vision_tower", str(dense / "vision_tower"),
            "--version", "v1", "--requires_image", "True",
