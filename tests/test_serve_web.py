@@ -225,4 +225,16 @@ def test_chat_in_the_browser(web_ui: tuple[str, str], page, tmp_path: Path) -> N
     expect(page.locator("#chatbot .bot-row")).to_have_count(0)
     expect(stats).not_to_contain_text("image tokens")
     expect(page.locator("#overlay img")).to_have_count(0)
+
+    # a request the worker rejects (an <image> placeholder but no image): the error shows in the chat and
+    # the page stays usable
+    page.locator("#textbox textarea").fill("<image> Where is it?")
+    page.locator("#textbox textarea").press("Enter")
+    expect(page.locator("#chatbot .bot-row")).to_contain_text(["Error"], timeout=ANSWER_TIMEOUT_MS)
+    expect(page.locator("#send")).to_be_enabled()
+    page.locator("#textbox textarea").fill("Hello?")
+    page.locator("#send").click()
+    expect(page.locator("#chatbot .bot-row")).to_have_count(2)
+    expect(stats).to_contain_text("output tokens kept", timeout=ANSWER_TIMEOUT_MS)
+    assert "Error" not in page.locator("#chatbot .bot-row").last.inner_text()
     assert outside == [], f"the page tried to reach the network: {outside}"

@@ -217,6 +217,7 @@ def test_format_stats() -> None:
     assert "3.0 MB / 4.0 MB (75.0%)" in text
     assert "stop" in text and "sparse" in text
     assert "dense" in web.format_stats({**STATS, "image_tokens_kept": 16}, sparse=False)
+    assert "no image" in web.format_stats({**STATS, "image_tokens": 0, "image_tokens_kept": 0}, sparse=True)
 
 
 def test_overlay_greys_dropped_patches(tmp_path: Path) -> None:

@@ -162,7 +162,9 @@ def format_stats(stats: dict[str, Any], sparse: bool) -> str:
     """Markdown table of one answer's efficiency stats."""
     rows = []
     image_total, image_kept = stats.get("image_tokens"), stats.get("image_tokens_kept")
-    if image_total is not None and image_kept is not None:
+    if image_total == 0:
+        rows.append("| image tokens kept | no image |")
+    elif image_total is not None and image_kept is not None:
         rows.append(f"| image tokens kept | {image_kept} / {image_total} ({_ratio(image_kept, image_total)}) |")
     output_total, output_kept = stats.get("output_tokens"), stats.get("output_tokens_kept")
     if output_total is not None and output_kept is not None:
