@@ -9,7 +9,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -168,7 +168,8 @@ def test_multi_turn_prompt_template_from_model_name(image_file: Path) -> None:
     assert v1.endswith(" USER: <image>\nDescribe  please ASSISTANT: A red box.</s>USER: And its colour? ASSISTANT:")
     assert "bad" not in v1 and "crashed" not in v1
     llama2 = web.build_request(state, "llava-llama-2-13b", 0.0, 1.0, 64, 0.2, True)
-    assert llama2["prompt"].startswith("[INST] <<SYS>>\n") and llama2["prompt"].endswith("[INST] And its colour? [/INST]")
+    assert llama2["prompt"].startswith("[INST] <<SYS>>\n")
+    assert llama2["prompt"].endswith("[INST] And its colour? [/INST]")
     assert llama2["stop"] == "</s>"
     v0 = web.build_request(state, "llava-v0-7b", 0.0, 1.0, 64, 0.2, True)
     assert v0["prompt"].endswith("questions.###Human: <image>\nDescribe  please###Assistant: A red box.###"

@@ -12,28 +12,25 @@ Nothing is sent anywhere but the controller and its workers: Gradio's telemetry 
 
 from __future__ import annotations
 
+import argparse
+import base64
+import dataclasses
+import logging
 import os
+import sys
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlparse
 
-# Before gradio is imported: no telemetry, no version check, no hub calls.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from PIL import Image
 
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import dataclasses  # noqa: E402
-import sys  # noqa: E402
-from typing import Any, Iterator, Sequence  # noqa: E402
-from urllib.parse import urlparse  # noqa: E402
+from ..conversation import Conversation, get_conv_template, stop_string
+from ..errors import UserError
+from ..prompting import image_query, infer_conv_mode
+from ..visualize import kept_patches_overlay
+from . import worker_client
+from .worker_client import WorkerError
 
-from PIL import Image  # noqa: E402
-
-from ..conversation import Conversation, get_conv_template, stop_string  # noqa: E402
-from ..errors import UserError  # noqa: E402
-from ..prompting import image_query, infer_conv_mode  # noqa: E402
-from ..visualize import kept_patches_overlay  # noqa: E402
-from . import worker_client  # noqa: E402
-from .worker_client import WorkerError  # noqa: E402
+logger = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 1536  # LLaVA's cap on one typed message
 MAX_NEW_TOKENS_CAP = 1536
@@ -252,7 +249,15 @@ def get_model_list(controller: str) -> list[str]:
     return worker_client.list_models(controller, refresh=True)
 
 
+def _quiet_gradio() -> None:
+    """Before gradio is imported: no telemetry, no version check, no hub calls."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def build_demo(controller: str, models: Sequence[str], model_list_mode: str, concurrency_count: int):
+    _quiet_gradio()
     import gradio as gr
 
     def choose(choices: Sequence[str], current: str | None = None) -> Any:
@@ -302,11 +307,16 @@ def build_demo(controller: str, models: Sequence[str], model_list_mode: str, con
             state.skip_next = False
             yield (state, chat_messages(state), gr.Image(), gr.Markdown()) + buttons(True)
             return
-        for update in stream_answer(controller, state, model_name, temperature, top_p, max_new_tokens,
-                                    keep_rate, sparse):
-            overlay = update.overlay if update.done or update.stats is not None else gr.Image()
-            stats = gr.Markdown() if update.stats is None else update.stats
-            yield (update.state, chat_messages(update.state), overlay, stats) + buttons(update.done)
+        try:
+            for update in stream_answer(controller, state, model_name, temperature, top_p, max_new_tokens,
+                                        keep_rate, sparse):
+                overlay = update.overlay if update.done or update.stats is not None else gr.Image()
+                stats = gr.Markdown() if update.stats is None else update.stats
+                yield (update.state, chat_messages(update.state), overlay, stats) + buttons(update.done)
+        except Exception as error:  # a bug here must not leave the page with its buttons disabled
+            logger.exception("answer failed")
+            state.turns[-1].answer, state.turns[-1].error = f"internal error in the web server: {error!r}", True
+            yield (state, chat_messages(state), None, "") + buttons(True)
 
     with gr.Blocks(title="Dynamic-LLaVA", analytics_enabled=False) as demo:
         state = gr.State(ChatState())
@@ -324,7 +334,7 @@ def build_demo(controller: str, models: Sequence[str], model_list_mode: str, con
                                           label="vision keep rate", elem_id="keep-rate")
                 with gr.Accordion("Parameters", open=False, elem_id="parameters"):
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
-                    top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
+                    top_p = gr.Slider(0.1, 1.0, value=0.7, step=0.1, label="Top P")
                     max_output_tokens = gr.Slider(16, 1024, value=512, step=16, label="Max output tokens",
                                                   elem_id="max-tokens")
             with gr.Column(scale=7):
