@@ -117,6 +117,16 @@ def web_ui(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         servers.append(controller)
         controller.wait_until(lambda: "models" in _post(controller_url + "/list_models"), "controller")
 
+        # The web UI first, in reload mode: it starts with no model and must pick the worker up on page load.
+        port = _free_port()
+        web = _Server("web", ["dynamic_llava.serve.gradio_web_server", "--controller", controller_url,
+                              "--host", "127.0.0.1", "--port", str(port), "--concurrency-count", "2",
+                              "--model-list-mode", "reload"], tmp, env)
+        servers.append(web)
+        url = f"http://127.0.0.1:{port}/"
+        web.wait_until(lambda: httpx.get(url, timeout=5, trust_env=False).status_code == 200, "web UI")
+        assert "has no models yet" in web.log.read_text()
+
         port = _free_port()
         worker = _Server("worker", ["dynamic_llava.serve.model_worker", "--host", "127.0.0.1", "--port", str(port),
                                     "--controller-address", controller_url,
@@ -125,13 +135,6 @@ def web_ui(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         servers.append(worker)
         worker.wait_until(lambda: _post(controller_url + "/list_models")["models"], "worker registration")
         [model] = _post(controller_url + "/list_models")["models"]
-
-        port = _free_port()
-        web = _Server("web", ["dynamic_llava.serve.gradio_web_server", "--controller", controller_url,
-                              "--host", "127.0.0.1", "--port", str(port), "--concurrency-count", "2"], tmp, env)
-        servers.append(web)
-        url = f"http://127.0.0.1:{port}/"
-        web.wait_until(lambda: httpx.get(url, timeout=5, trust_env=False).status_code == 200, "web UI")
         yield url, model
         for server in servers:
             server.check_alive()  # nothing crashed along the way
@@ -176,7 +179,7 @@ def test_chat_in_the_browser(web_ui: tuple[str, str], page, tmp_path: Path) -> N
     url, model = web_ui
     page, outside = page
     page.goto(url)
-    expect(page.locator("#model input")).to_have_value(model)  # the list came from the controller
+    expect(page.locator("#model input")).to_have_value(model)  # reloaded from the controller on page load
 
     # Dynamic-LLaVA's per-request keep rate, and a short answer
     page.locator("#keep-rate input[type=number]").fill("0.5")
