@@ -417,7 +417,9 @@ def run(args: argparse.Namespace) -> int:
                     ssr_mode=False, mcp_server=False, pwa=False, run_history=False, prevent_thread_lock=True,
                     css=CSS)
     except OSError as error:  # port taken / address not available
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {error}") from None
+        reason = str(error).split(". ")[0]  # gradio's advice after that names its own parameters
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({reason}); choose another --port / --host") \
+            from None
     print(f"web UI running on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     demo.block_thread()
     return 0
