@@ -1,5 +1,6 @@
 """`dynamic-llava demo train --quick`: the whole chain (data, start model, stages 1-3, evaluation) end to end
-at toy size; every stage's output loads and the summary holds what the demo reports."""
+at toy size; every stage's output loads and the summary holds what the demo reports. `demo export` and
+`demo compare` run on that chain's output."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from dynamic_llava.cli import main as cli_main
 from dynamic_llava.data.questions import SHORT_ANSWER_TYPES
@@ -64,3 +67,56 @@ def test_the_sparse_model_keeps_a_fifth_of_the_image_tokens(chain: Path) -> None
     summary = json.loads((chain / "summary.json").read_text())
     assert summary["dynamic_llava"]["image_tokens_kept"] == pytest.approx(0.2, abs=0.02)
     assert summary["dense"]["image_tokens_kept"] == 1.0
+
+
+def test_export_writes_a_self_contained_bf16_model_and_samples(chain: Path, tmp_path: Path) -> None:
+    model_dir, samples = tmp_path / "model", tmp_path / "samples"
+    assert cli_main(["demo", "export", "--from", str(chain / "stage3"), "--out", str(model_dir),
+                     "--samples-out", str(samples), "--samples", "2"]) == 0
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["mm_vision_tower"] == "vision_tower" and (model_dir / "vision_tower" / "model.safetensors").is_file()
+    with safe_open(model_dir / "model.safetensors", "pt") as stored:
+        assert {stored.get_tensor(k).dtype for k in stored.keys()} == {torch.bfloat16}
+    _, model, _, _ = load_pretrained_model(model_dir)  # fp32 on the CPU, from the bf16 weights
+    assert model.sparse.vision_keep_rate == 0.2
+    questions = read_jsonl(samples / "questions.jsonl")
+    assert {q["image"] for q in questions} == {p.name for p in samples.glob("*.png")} and len(questions) == 18
+    assert all(q["answer"] and q["category"] in SHORT_ANSWER_TYPES for q in questions)
+
+
+def test_export_refuses_a_dense_checkpoint(chain: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["demo", "export", "--from", str(chain / "stage2"), "--out", str(tmp_path / "m"),
+                     "--samples-out", str(tmp_path / "s")]) == 2
+    assert "not a Dynamic-LLaVA checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    assert cli_main(["demo", "compare", "--chain", str(chain), "--out", str(out), "--work", str(tmp_path / "work"),
+                     "--scenes", "2", "--describe-samples", "1", "--curve-samples", "1", "--mask-images", "2",
+                     "--max-new-tokens", "6"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    short, flops = results["short_answers"], results["prefill_flops"]
+    families = {row["family"] for row in short.values()}
+    assert families == {"dense", "dynamic-llava I", "dynamic-llava I|T", "fastv", "random", "h2o"}
+    for name, row in short.items():
+        expected = 64 if row["family"] in ("dense", "h2o") else math.floor(row["vision_keep_rate"] * 64 + 1e-6)
+        assert row["image_tokens_kept"] == expected, name  # every answer keeps exactly its budget
+        assert row["questions"] == 18 and set(row["per_type"]) == set(SHORT_ANSWER_TYPES)
+        assert set(row["pope"]) == {"random", "popular", "adversarial"}
+        assert flops[name]["kept_image_tokens"] == expected
+    # same budget, same paper-formula FLOPs; fewer image tokens, fewer FLOPs and a smaller cache
+    assert flops["fastv 0.2"]["paper_formula"] == flops["random 0.2"]["paper_formula"] == \
+        flops["dynamic-llava I 0.2"]["paper_formula"] < flops["dense"]["paper_formula"]
+    assert flops["random 0.1"]["exact"] < flops["random 0.2"]["exact"] < flops["random 0.5"]["exact"]
+    assert short["random 0.2"]["kv_cache_bytes"] < short["dense"]["kv_cache_bytes"]
+    generation = results["generation"]
+    assert {"dense", "h2o 0.5", "structure", "dynamic-llava I|T 0.2"} <= set(generation)
+    assert all(len(row["kv_curve_bytes"]) > 0 for row in generation.values())
+    masks = results["kept_patches"]["masks"]
+    assert set(masks) == {"predictor", "fastv", "random"}
+    assert all(sum(mask) == 12 for rule in masks.values() for mask in rule)
+    for name in ("table.md", "accuracy_vs_flops.png", "kv_vs_output_length.png", "kept_patches.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| majority answer |" in (out / "table.md").read_text()

@@ -30,9 +30,9 @@ def export_model(source: Path, out: Path, dtype: str = "bfloat16") -> Path:
 
     from ..model.loading import load_pretrained_model, save_pretrained_llava
 
+    if "sparse_config" not in json.loads((source / "config.json").read_text(encoding="utf-8")):
+        raise UserError(f"{source} is not a Dynamic-LLaVA checkpoint (no sparse_config: a dense LLaVA?)")
     tokenizer, model, processor, _ = load_pretrained_model(source, dtype="float32")
-    if not any("image_score_predictor" in name for name, _ in model.named_parameters()):
-        raise UserError(f"{source} is not a Dynamic-LLaVA checkpoint (no predictor weights)")
     model.config.mm_vision_tower = _TOWER  # relative: resolved inside the checkpoint folder
     model.to(getattr(torch, dtype))
     model.config.torch_dtype = dtype
