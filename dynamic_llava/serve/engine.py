@@ -119,7 +119,7 @@ class Ticket:
                 return
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (it holds tensors)
 class Job:
     prompt: str  # the request's prompt text, as sent
     input_ids: torch.Tensor
