@@ -8,6 +8,7 @@ settings), and a `Session` carries one conversation's KV cache from one turn to 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -166,6 +167,9 @@ def append_token(batch: TokenBatch, embeds: torch.Tensor, positions: torch.Tenso
     )
 
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte fallback (LLaMA-family tokenizers)
+
+
 class _StopTracker:
     """Decodes one sample's output, finds EOS and stop strings, and releases text safe to stream."""
 
@@ -175,8 +179,10 @@ class _StopTracker:
         self.eos_token_id = eos_token_id
         self.ids: list[int] = []
         self.text = ""
+        self.stable = 0  # length of the text that later tokens cannot change
         self.emitted = 0
         self.finish_reason: str | None = None
+        self.done = False  # no more tokens: release everything
 
     def add(self, token_id: int) -> None:
         if token_id == self.eos_token_id:
@@ -184,6 +190,12 @@ class _StopTracker:
             return
         self.ids.append(token_id)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # A run of byte tokens decodes as one unit (an invalid run turns every byte of it into U+FFFD), so
+        # the text of a trailing run may still change: only what precedes it is stable.
+        run = 0
+        while run < len(self.ids) and _BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[-1 - run])):
+            run += 1
+        self.stable = len(self.tokenizer.decode(self.ids[:-run], skip_special_tokens=True)) if run else len(self.text)
         cut = min((self.text.find(s) for s in self.stop_strings if s in self.text), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
@@ -192,8 +204,8 @@ class _StopTracker:
     def release(self) -> str:
         """New text since the last release, holding back a possible stop-string prefix or partial character."""
         end = len(self.text)
-        if self.finish_reason is None:
-            end = len(self.text.rstrip("\ufffd"))
+        if self.finish_reason is None and not self.done:
+            end = min(len(self.text.rstrip("\ufffd")), self.stable)
             for stop in self.stop_strings:
                 for n in range(min(len(stop) - 1, end), 0, -1):
                     if self.text[:end].endswith(stop[:n]):
@@ -272,6 +284,7 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
                     fed = slice(results[i].prompt_tokens, results[i].prompt_tokens + results[i].output_tokens - 1)
                     results[i].output_keep = out.keep[row, fed].tolist()
                 _record_cache(results[i], cache, row, model.config.num_hidden_layers)
+                trackers[i].done = True
                 results[i].text = trackers[i].text
                 results[i].token_ids = list(trackers[i].ids)
                 results[i].finish_reason = trackers[i].finish_reason or "length"

@@ -199,3 +199,23 @@ def test_chat_reuses_the_cache_and_matches_reencoding(loaded) -> None:
     n = len(turn2.token_ids)
     assert turn2.token_ids == reference.token_ids[:n]
     assert "What is it? ASSISTANT: " in chat.conv.get_prompt() and chat.conv.messages[-1][1] == turn2.text.strip()
+
+
+def test_streamed_text_adds_up_to_the_result_for_every_finish(loaded, request_batch) -> None:
+    """Servers send the deltas: they must add up to the final text, also when a trailing run of byte tokens
+    changes its decoding later (the random model makes invalid ones) and when a sample stops by length."""
+    tokenizer, model, _ = loaded
+    prompts, images = request_batch
+    configs = [GenerationConfig(max_new_tokens=n, eos_token_id=-1) for n in (5, 9, 12)]
+    stream = stream_generate(model, tokenizer, prompts, images, configs)
+    texts = ["", "", ""]
+    while True:
+        try:
+            for i, delta in enumerate(next(stream)):
+                texts[i] += delta
+        except StopIteration as done:
+            results = done.value
+            break
+    tokens = [tokenizer.convert_ids_to_tokens(t) for r in results for t in r.token_ids]
+    assert any(t.startswith("<0x") for t in tokens), "the case of byte tokens should be exercised"
+    assert texts == [r.text for r in results]
