@@ -209,15 +209,19 @@ class Engine:
     # ------------------------------------------------------------------ engine threads
     def _serve(self) -> None:
         while (jobs := self._take()) is not None:
+            pending = set(range(len(jobs)))
             try:
-                self._generate(jobs)
+                self._generate(jobs, pending)
             except Exception as error:  # a bug or out of memory: fail these requests, keep serving
                 logger.exception("generation failed")
-                for job in jobs:
-                    job.ticket.put(ServeError(ErrorCode.INTERNAL, f"generation failed: {error}"))
+                for i in pending:
+                    jobs[i].ticket.put(ServeError(ErrorCode.INTERNAL, f"generation failed: {error}"))
             finally:
-                with self._cond:
-                    self._running -= len(jobs)
+                self._leave(len(pending))
+
+    def _leave(self, n: int) -> None:
+        with self._cond:
+            self._running -= n
 
     def _take(self) -> list[Job] | None:
         """The oldest waiting job and the next ones with the same sparsity, up to max_batch_size."""
@@ -234,7 +238,8 @@ class Engine:
             self.batch_sizes[len(jobs)] += 1
             return jobs
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _generate(self, jobs: list[Job], pending: set[int]) -> None:
+        """Run the batch; a request leaves `pending` (and the queue count) as it finishes."""
         finished: dict[int, GenerationResult] = {}
         stream = stream_generate(self.model, self.tokenizer, [j.input_ids for j in jobs],
                                  [j.pixel_values for j in jobs], [j.config for j in jobs],
@@ -244,6 +249,8 @@ class Engine:
                 if delta:
                     job.ticket.put(delta)
                 if i in finished:
+                    pending.discard(i)
+                    self._leave(1)  # before the result goes out: its slot is free once the client has it
                     job.ticket.put(finished.pop(i))
 
     def _policy(self, sparsity: Sparsity) -> TokenPolicy:

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from typing import Any, AsyncIterator
 
 import httpx
@@ -108,10 +109,10 @@ class Heartbeat:
         threading.Thread(target=self._run, args=(server,), name="heartbeat", daemon=True).start()
 
     def _run(self, server: uvicorn.Server) -> None:
-        stopped = threading.Event()
         while not server.started:  # register only once requests can be served
-            if server.should_exit or stopped.wait(0.05):
+            if server.should_exit:
                 return
+            time.sleep(0.05)
         registered = False
         with httpx.Client(timeout=5.0) as client:
             while not server.should_exit:
@@ -131,7 +132,7 @@ class Heartbeat:
                 except (httpx.HTTPError, ValueError, AttributeError) as error:
                     logger.warning("controller %s unreachable: %s", self.controller, error or type(error).__name__)
                     registered = False
-                stopped.wait(self.interval)
+                time.sleep(self.interval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     limits = image_limits(args)
     engine = load_engine(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     server = uvicorn.Server(uvicorn.Config(create_app(engine, limits), host=args.host, port=args.port,
                                            log_level="info"))
     if not args.no_register:
