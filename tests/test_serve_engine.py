@@ -69,7 +69,7 @@ def test_waiting_requests_are_grouped_by_sparsity_and_cancellable(loaded) -> Non
         engine.close()
     assert [r.image_tokens_kept for r in results[1:]] == [115, 576, 115, 288, 115, 576]
     # the first alone, then one batch per setting in order of their oldest request; the cancelled one never ran
-    assert engine.batch_sizes == {1: 2, 3: 1, 2: 1}
+    assert engine.batch_sizes() == {1: 2, 2: 1, 3: 1}
     assert cancelled.ticket.result is None and engine.queue_length == 0
 
 

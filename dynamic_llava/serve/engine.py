@@ -142,7 +142,7 @@ class Engine:
         self.model_name = model_name
         self.context_length = int(model.config.max_position_embeddings)
         self.max_batch_size, self.max_queue, self.max_new_tokens_limit = max_batch_size, max_queue, max_new_tokens_limit
-        self.batch_sizes: Counter[int] = Counter()  # batches run, by size
+        self._batch_sizes: Counter[int] = Counter()  # batches run, by size
         self._waiting: deque[Job] = deque()
         self._running = 0
         self._closed = False
@@ -201,9 +201,18 @@ class Engine:
         with self._cond:
             return len(self._waiting) + self._running
 
+    def batch_sizes(self) -> dict[int, int]:
+        """How many batches of each size have run."""
+        with self._cond:
+            return dict(sorted(self._batch_sizes.items()))
+
     def close(self) -> None:
+        """Stop taking jobs; those still waiting are told so."""
         with self._cond:
             self._closed = True
+            for job in self._waiting:
+                job.ticket.put(ServeError(ErrorCode.INTERNAL, "the server is shutting down"))
+            self._waiting.clear()
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ engine threads
@@ -235,7 +244,7 @@ class Engine:
             for job in jobs:
                 self._waiting.remove(job)
             self._running += len(jobs)
-            self.batch_sizes[len(jobs)] += 1
+            self._batch_sizes[len(jobs)] += 1
             return jobs
 
     def _generate(self, jobs: list[Job], pending: set[int]) -> None:

@@ -92,7 +92,7 @@ def create_app(engine: Engine, limits: ImageLimits) -> FastAPI:
         return {"model_name": engine.model_name, "context_length": engine.context_length,
                 "sparse_config": engine.model.sparse.to_dict(), "max_batch_size": engine.max_batch_size,
                 "max_queue": engine.max_queue, "max_new_tokens_limit": engine.max_new_tokens_limit,
-                "batch_sizes": {str(size): count for size, count in sorted(engine.batch_sizes.items())}}
+                "batch_sizes": {str(size): count for size, count in engine.batch_sizes().items()}}
 
     return app
 
