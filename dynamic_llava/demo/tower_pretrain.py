@@ -1,0 +1,188 @@
+"""Stage 0 of the demo chain: pre-train the tiny CLIP tower on the synthetic scenes before LLaVA training.
+
+Real LLaVA starts from a pre-trained CLIP; the chain's tower starts random, and the LM loss reaching it
+through the LLM is too weak a signal for it to learn to see. The generator knows every object, so
+dense labels are free: for each patch of the tower's output (`select_layer`, CLS dropped, as LLaVA
+reads it), the colour, shape and size of the object covering most of the patch (or "background"),
+and for each image its object count. Linear heads on the features are trained with the tower and
+then thrown away: only the tower is saved, in the layout of the folder it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from ..data.render import _draw_object
+from ..data.scenes import COLOURS, MAX_OBJECTS, SHAPES, SIZES, Scene, scene_from_dict
+from ..mm_utils import process_images
+from ..model.convert import load_clip, load_image_processor
+
+# Label of a patch no object covers enough of: the last class of each attribute head
+HEADS = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}
+MIN_COVERAGE = 0.05  # of a patch's pixels; a small star split over four patches still labels one of them
+
+
+def patch_labels(scene: Scene, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """Per patch (reading order) the class index of each attribute of its main object, or len(values)
+    for background; the rendering geometry is the generator's own, drawn at the tower's input size."""
+    grid = image_size // patch_size
+    coverage = np.zeros((len(scene.objects), grid, grid))
+    for k, obj in enumerate(scene.objects):
+        canvas = Image.new("RGB", (image_size, image_size))
+        _draw_object(ImageDraw.Draw(canvas), obj, image_size)
+        mask = np.asarray(canvas).any(axis=2)[: grid * patch_size, : grid * patch_size]
+        coverage[k] = mask.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
+    best = coverage.argmax(axis=0).ravel()
+    covered = coverage.max(axis=0).ravel() >= MIN_COVERAGE
+    out = {}
+    for head, values in HEADS.items():
+        index = [values.index(getattr(o, head)) for o in scene.objects]
+        out[head] = torch.tensor([index[b] if c else len(values) for b, c in zip(best, covered)])
+    return out
+
+
+class _Heads(nn.Module):
+    """Linear probes on the patch features (attributes) and on their mean (object count)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.patch = nn.ModuleDict({head: nn.Linear(hidden, len(values) + 1) for head, values in HEADS.items()})
+        self.count = nn.Linear(hidden, MAX_OBJECTS + 1)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = {head: layer(features) for head, layer in self.patch.items()}
+        logits["count"] = self.count(features.mean(dim=1))
+        return logits
+
+
+def _load_split(data_dir: Path, split: str, processor: Any, image_size: int, patch_size: int
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pixel values (bf16, preprocessed as LLaVA training does with `--image_aspect_ratio pad`) and labels."""
+    rows = [json.loads(line) for line in (data_dir / split / "scenes.jsonl").read_text(encoding="utf-8").splitlines()]
+    pixels, labels = [], {head: [] for head in [*HEADS, "count"]}
+    for start in tqdm(range(0, len(rows), 64), desc=f"{split} images", unit="batch"):
+        chunk = rows[start:start + 64]
+        images = [Image.open(data_dir / "images" / row["image"]).convert("RGB") for row in chunk]
+        pixels.append(process_images(images, processor, "pad").to(torch.bfloat16))
+        for row in chunk:
+            scene = scene_from_dict(row)
+            for head, value in patch_labels(scene, image_size, patch_size).items():
+                labels[head].append(value)
+            labels["count"].append(torch.tensor(len(scene.objects)))
+    return torch.cat(pixels), {head: torch.stack(values) for head, values in labels.items()}
+
+
+def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the mean cross-entropies of the heads."""
+    return sum(nn.functional.cross_entropy(logits[head].float().flatten(0, -2), labels[head].flatten())
+               for head in logits)
+
+
+@torch.no_grad()
+def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
+              select_layer: int, batch_size: int) -> dict[str, float]:
+    """Held-out accuracy: attributes on object patches only (background is most patches), count per image."""
+    tower.eval()
+    predicted: dict[str, list[torch.Tensor]] = {head: [] for head in labels}
+    for start in range(0, len(pixels), batch_size):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tower(pixels[start:start + batch_size], output_hidden_states=True)
+            logits = heads(out.hidden_states[select_layer][:, 1:])
+        for head, value in logits.items():
+            predicted[head].append(value.argmax(dim=-1))
+    tower.train()
+    result = {}
+    for head, values in HEADS.items():
+        guess, truth = torch.cat(predicted[head]), labels[head]
+        foreground = truth != len(values)
+        result[f"{head}_accuracy_object_patches"] = (guess == truth)[foreground].float().mean().item()
+    object_patch = labels["colour"] != len(COLOURS)
+    guess_object = torch.cat(predicted["colour"]) != len(COLOURS)
+    result["object_vs_background_accuracy"] = (guess_object == object_patch).float().mean().item()
+    result["count_accuracy"] = (torch.cat(predicted["count"]) == labels["count"]).float().mean().item()
+    return result
+
+
+def _save_tower(tower: nn.Module, tower_dir: Path, out_dir: Path) -> None:
+    """The trained weights under the `vision_model.` keys of released CLIP checkpoints, next to copies of
+    the source folder's config and image processor settings."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {f"vision_model.{name}": value.detach().float().contiguous() for name, value in tower.state_dict().items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copyfile(tower_dir / name, out_dir / name)
+
+
+def pretrain_tower(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int = 800, lr: float = 1e-3,
+                   batch_size: int = 32, seed: int = 0, select_layer: int = -1, warmup_steps: int = 50,
+                   log_every: int = 50, threads: int | None = 1) -> dict[str, Any]:
+    """Train the CLIP tower in `tower_dir` on `data_dir`'s training scenes (a `data synth` folder); save it to
+    `out_dir`. Returns the loss history (every `log_every` steps), held-out accuracy of the heads on the
+    val split when there is one, and the wall time. `threads`: torch's intra-op threads meanwhile (None:
+    leave them), one by default because the demo shares a small CPU."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _pretrain(data_dir, tower_dir, out_dir, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                         select_layer=select_layer, warmup_steps=warmup_steps, log_every=log_every)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr: float, batch_size: int, seed: int,
+              select_layer: int, warmup_steps: int, log_every: int) -> dict[str, Any]:
+    began = time.perf_counter()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tower = load_clip(tower_dir, dtype=torch.float32).train()
+    config = tower.config
+    processor = load_image_processor(tower_dir)
+    pixels, labels = _load_split(data_dir, "train", processor, config.image_size, config.patch_size)
+    heads = _Heads(config.hidden_size)
+    params = [*tower.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # Linear warm-up, then cosine to zero, as the chain's own stages
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    history: list[tuple[int, float]] = []
+    running = 0.0
+    progress = tqdm(range(1, steps + 1), desc="tower pre-training", unit="step")
+    for step in progress:
+        batch = torch.randint(len(pixels), (batch_size,), generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tower(pixels[batch], output_hidden_states=True)
+            logits = heads(out.hidden_states[select_layer][:, 1:])
+        loss = _losses(logits, {head: value[batch] for head, value in labels.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        running += loss.item()
+        if step % log_every == 0 or step == steps:
+            history.append((step, running / (step - (history[-1][0] if history else 0))))
+            running = 0.0
+            progress.set_postfix(loss=f"{history[-1][1]:.3f}")
+    _save_tower(tower, tower_dir, out_dir)
+    result: dict[str, Any] = {"steps": steps, "loss_history": history, "train_images": len(pixels)}
+    if (data_dir / "val" / "scenes.jsonl").is_file():
+        val_pixels, val_labels = _load_split(data_dir, "val", processor, config.image_size, config.patch_size)
+        result["val"] = _evaluate(tower, heads, val_pixels, val_labels, select_layer, batch_size)
+    result["seconds"] = round(time.perf_counter() - began, 1)
+    return result

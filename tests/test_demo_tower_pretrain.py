@@ -1,0 +1,57 @@
+"""Stage 0 of the demo chain: patch labels from the scene spec, and a short pre-training run of a tiny tower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPVisionModel
+
+from dynamic_llava.data.scenes import COLOURS, SHAPES, SIZES, Scene, SceneObject
+from dynamic_llava.data.synth import SynthConfig, write_dataset
+from dynamic_llava.demo.tower_pretrain import patch_labels, pretrain_tower
+from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower
+
+
+def test_patch_labels_mark_the_object_and_leave_the_rest_background() -> None:
+    # A large green square in the centre cell of a 112-px image, 8 x 8 patches of 14 px
+    scene = Scene("train_000000", 0, (SceneObject("square", "green", "large", 1, 1, 0.5, 0.5),))
+    labels = patch_labels(scene, 112, 14)
+    colour, shape, size = (labels[h].view(8, 8) for h in ("colour", "shape", "size"))
+    assert colour[3:5, 3:5].eq(COLOURS.index("green")).all()
+    assert shape[3:5, 3:5].eq(SHAPES.index("square")).all()
+    assert size[3:5, 3:5].eq(SIZES.index("large")).all()
+    assert colour[0].eq(len(COLOURS)).all() and colour[:, 7].eq(len(COLOURS)).all()
+    # Patches with an object are the same for every head
+    assert torch.equal(colour != len(COLOURS), shape != len(SHAPES))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_dataset(SynthConfig(seed=0, image_size=56, n_train=12, n_val=4, n_test=1), out)
+    return out
+
+
+def test_pretraining_lowers_the_loss_and_saves_a_loadable_changed_tower(data: Path, tmp_path: Path) -> None:
+    tower_dir, out_dir = tmp_path / "tower", tmp_path / "pretrained"
+    write_tiny_clip_tower(tower_dir, seed=0, image_size=56, patch_size=14, hidden_size=32, num_layers=2,
+                          num_heads=4, intermediate_size=64)
+    result = pretrain_tower(data, tower_dir, out_dir, steps=40, lr=3e-3, batch_size=8, seed=0, warmup_steps=5,
+                            log_every=10)
+    losses = [loss for _, loss in result["loss_history"]]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+    assert set(result["val"]) >= {"colour_accuracy_object_patches", "count_accuracy"}
+
+    assert (out_dir / "preprocessor_config.json").read_bytes() == (tower_dir / "preprocessor_config.json").read_bytes()
+    before, after = load_file(tower_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["vision_model.encoder.layers.0.self_attn.q_proj.weight"],
+                           after["vision_model.encoder.layers.0.self_attn.q_proj.weight"])
+    # transformers 5 names the weights without the `vision_model.` prefix the file carries
+    clip = CLIPVisionModel.from_pretrained(out_dir)
+    loaded = {k.removeprefix("vision_model."): v for k, v in clip.state_dict().items()}
+    assert loaded.keys() == {k.removeprefix("vision_model.") for k in after}
+    assert all(torch.equal(loaded[k.removeprefix("vision_model.")], v) for k, v in after.items())
