@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.render import _draw_object
-from ..data.scenes import COLOURS, MAX_OBJECTS, SHAPES, SIZES, Scene, scene_from_dict
+from ..data.scenes import COLOURS, SHAPES, SIZES, Scene, scene_from_dict
 from ..mm_utils import process_images
 from ..model.convert import load_clip, load_image_processor
 
@@ -57,10 +57,10 @@ def patch_labels(scene: Scene, image_size: int, patch_size: int) -> dict[str, to
 class _Heads(nn.Module):
     """Linear probes on the patch features (attributes) and on their mean (object count)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, max_count: int) -> None:
         super().__init__()
         self.patch = nn.ModuleDict({head: nn.Linear(hidden, len(values) + 1) for head, values in HEADS.items()})
-        self.count = nn.Linear(hidden, MAX_OBJECTS + 1)
+        self.count = nn.Linear(hidden, max_count + 1)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = {head: layer(features) for head, layer in self.patch.items()}
@@ -153,7 +153,8 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     config = tower.config
     processor = load_image_processor(tower_dir)
     pixels, labels = _load_split(data_dir, "train", processor, config.image_size, config.patch_size)
-    heads = _Heads(config.hidden_size)
+    # Sized by the data, not by the generator's current MAX_OBJECTS: a folder may predate a change of it
+    heads = _Heads(config.hidden_size, int(labels["count"].max()))
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # Linear warm-up, then cosine to zero, as the chain's own stages
