@@ -1,4 +1,4 @@
-"""Scene specs: 2-6 coloured shapes, one per cell of a 3 x 3 grid, sampled from a seed.
+"""Scene specs: 2-4 coloured shapes, one per cell of a 3 x 3 grid, sampled from a seed.
 
 A scene is resolution free (centres and radii are fractions of the image side), so the same spec
 renders at any `--image-size`. Objects sit in distinct cells with a bounded jitter, which keeps
@@ -18,20 +18,23 @@ COLOUR_WEIGHTS = (6, 5, 4, 4, 3, 3, 2)
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 SHAPE_WEIGHTS = (5, 4, 4, 3, 3)
 SIZES = ("small", "large")
-RADIUS = {"small": 0.065, "large": 0.11}  # fraction of the image side
+# Fraction of the image side. Objects are large on purpose: a model trained from scratch first learns to use
+# the image through roughly uniform attention over its tokens, which carries an object only if it covers
+# many of them (at 112 px / 14-px patches a large object spans ~2 x 2 patches, a small one ~1.5 x 1.5).
+RADIUS = {"small": 0.09, "large": 0.14}
 
 GRID = 3
 CELL_NAMES = (("top left", "top center", "top right"),
               ("middle left", "center", "middle right"),
               ("bottom left", "bottom center", "bottom right"))
-JITTER = 0.04  # max offset of a centre from its cell centre; large radius + jitter < half a cell
+JITTER = 0.02  # max offset of a centre from its cell centre; large radius + jitter < half a cell
 MARGIN = 0.15  # centres at least this far apart on an axis: the relation on that axis is asked / stated
 
 SPLITS = ("train", "val", "test")
 # Split of a scene = a hash of its canonical content, so two splits can never hold the same scene.
 _SPLIT_BUCKETS = {"test": range(10), "val": range(10, 20), "train": range(20, 100)}
 
-MIN_OBJECTS, MAX_OBJECTS = 2, 6
+MIN_OBJECTS, MAX_OBJECTS = 2, 4
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from .render import render_scene
 from .scenes import SPLITS, Scene, sample_scene
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's
-DESCRIBE_IN_TRAIN = 0.5  # share of training conversations that also ask for the long description
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +47,7 @@ class SynthConfig:
     n_train: int = 2000
     n_val: int = 200
     n_test: int = 200
+    describe_share: float = 0.5  # share of training conversations that also ask for the long description
 
     def scenes(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
@@ -72,11 +72,11 @@ def _short_prompt(question: str) -> str:
     return f"{question}\n{SHORT_ANSWER_SUFFIX}"
 
 
-def _conversation(scene: Scene, qas: list[QA], rng: random.Random) -> list[dict[str, str]]:
+def _conversation(scene: Scene, qas: list[QA], rng: random.Random, describe_share: float) -> list[dict[str, str]]:
     """The short questions in random order, maybe with the description request at a random place."""
     turns = [(_short_prompt(qa.question), qa.answer) for qa in qas]
     rng.shuffle(turns)
-    if rng.random() < DESCRIBE_IN_TRAIN:
+    if rng.random() < describe_share:
         turns.insert(rng.randint(0, len(turns)), (rng.choice(DESCRIBE_PROMPTS), description(scene)))
     out = []
     for i, (question, answer) in enumerate(turns):
@@ -106,7 +106,7 @@ class _Split:
             qas = scene_questions(scene, index, rng)
             self.qas += [(scene, f"{scene.scene_id}_{k}", qa) for k, qa in enumerate(qas)]
             if split == "train":
-                turns = _conversation(scene, qas, rng)
+                turns = _conversation(scene, qas, rng, config.describe_share)
                 self.described += len(turns) // 2 > len(qas)
                 self.conversations.append({"id": scene.scene_id, "image": _image(scene), "conversations": turns})
 
