@@ -118,12 +118,13 @@ def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dic
 
 def _save_tower(tower: nn.Module, tower_dir: Path, out_dir: Path) -> None:
     """The trained weights under the `vision_model.` keys of released CLIP checkpoints, next to copies of
-    the source folder's config and image processor settings."""
+    the source folder's config and image processor settings (`out_dir` may be `tower_dir`: in place)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {f"vision_model.{name}": value.detach().float().contiguous() for name, value in tower.state_dict().items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    for name in ("config.json", "preprocessor_config.json"):
-        shutil.copyfile(tower_dir / name, out_dir / name)
+    if out_dir.resolve() != tower_dir.resolve():
+        for name in ("config.json", "preprocessor_config.json"):
+            shutil.copyfile(tower_dir / name, out_dir / name)
 
 
 def pretrain_tower(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int = 800, lr: float = 1e-3,
