@@ -138,3 +138,32 @@ def test_http_api_proxies_retries_and_reports_lost_workers() -> None:
         asyncio.run(controller.register_worker(f"http://127.0.0.1:{free_port()}", True, STATUS))
         assert httpx.post(ctl.url + "/refresh_all_workers", timeout=10).json() == {"workers": 0}
         assert json.loads(httpx.post(ctl.url + "/list_models", timeout=10).content) == {"models": []}
+
+
+def test_a_worker_that_dies_before_answering_gives_a_lost_worker_error() -> None:
+    """The worker accepts the connection, then closes it without a response (killed while the request was
+    queued): a 502 with a WORKER_LOST chunk, not a bare 500, and the controller keeps serving."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def accept_and_hang_up() -> None:
+        for _ in range(2):
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            connection.close()
+
+    threading.Thread(target=accept_and_hang_up, daemon=True).start()
+    controller = Controller()
+    asyncio.run(controller.register_worker(address, False, STATUS))
+    with ThreadServer(create_app(controller)) as ctl:
+        for _ in range(2):
+            response = httpx.post(ctl.url + "/worker_generate_stream", json={"model": "m", "prompt": "P"}, timeout=10)
+            assert response.status_code == 502
+            chunk = read_chunks(response)[0]
+            assert chunk["error_code"] == ErrorCode.WORKER_LOST and "before answering" in chunk["text"]
+    listener.close()

@@ -166,6 +166,11 @@ class Controller:
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
                 logger.warning("worker %s unreachable (%s): removed", address, error or type(error).__name__)
                 self.remove_worker(address)
+            except httpx.HTTPError as error:
+                # connected, but the worker died (or stalled) before answering: it may have started the
+                # request, so it is not sent again
+                raise ServeError(ErrorCode.WORKER_LOST, f"the worker was lost before answering: "
+                                 f"{error or type(error).__name__}") from None
 
 
 async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
