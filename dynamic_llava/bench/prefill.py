@@ -231,6 +231,7 @@ class Decoder:
             setattr(self, name, getattr(self, name)[rows])
         self.prefill_bytes *= batch_size
 
+    @torch.no_grad()
     def fill(self, n_generated: int, n_kept: int, sparse_layer: int, seed: int = 0) -> None:
         """Append the cache entries `n_generated` more generated tokens leave behind, of which `n_kept` enter
         the layers >= sparse_layer (random K/V at the cached entries' scale, true positions), and move on as
