@@ -48,16 +48,25 @@ def error_chunk(error: ServeError) -> bytes:
     return encode_chunk({"text": error.message, "error_code": int(error.code)})
 
 
+class ChunkBuffer:
+    """Reassembles whole b"\\0"-terminated chunks (without the b"\\0", empty ones skipped) from arbitrary
+    network pieces; `rest` holds the incomplete tail."""
+
+    def __init__(self) -> None:
+        self.rest = b""
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        *complete, self.rest = (self.rest + piece).split(b"\0")
+        return [chunk for chunk in complete if chunk.strip()]
+
+
 async def split_chunks(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Whole b"\\0"-terminated chunks (without the b"\\0") from arbitrary network pieces; a trailing
-    incomplete chunk is dropped (the sender died mid-chunk)."""
-    buffer = b""
+    """Whole chunks from arbitrary network pieces; a trailing incomplete chunk is dropped (the sender
+    died mid-chunk)."""
+    buffer = ChunkBuffer()
     async for piece in pieces:
-        buffer += piece
-        *complete, buffer = buffer.split(b"\0")
-        for chunk in complete:
-            if chunk.strip():
-                yield chunk
+        for chunk in buffer.feed(piece):
+            yield chunk
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import httpx
 
+from .protocol import ChunkBuffer
+
 CONNECT_TIMEOUT = 5.0  # seconds to reach a controller or worker
 CONTROL_TIMEOUT = 20.0  # seconds for a controller call (refresh pings every worker)
 READ_TIMEOUT = 300.0  # seconds between two streamed chunks (a CPU prefill of a big model is slow)
@@ -83,13 +85,11 @@ def split_chunks(pieces: Iterator[bytes]) -> Iterator[bytes]:
 
     A last chunk without its b"\\0" is passed on too: whole, it parses; cut off, it fails to parse.
     """
-    buffer = b""
+    buffer = ChunkBuffer()
     for piece in pieces:
-        buffer += piece
-        *complete, buffer = buffer.split(b"\0")
-        yield from (chunk for chunk in complete if chunk.strip())
-    if buffer.strip():
-        yield buffer
+        yield from buffer.feed(piece)
+    if buffer.rest.strip():
+        yield buffer.rest
 
 
 def parse_chunk(raw: bytes) -> StreamChunk:
