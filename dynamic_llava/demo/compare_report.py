@@ -76,6 +76,12 @@ def plot_accuracy_vs_flops(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("prefill GFLOPs (exact count, one image, batch 1)")
     ax.set_ylabel("short-answer accuracy, overall (%)")
     ax.set_title("Accuracy vs prefill FLOPs (vision budgets 10 / 20 / 50 %)")
+    _finish_line_plot(fig, ax, path)
+
+
+def _finish_line_plot(fig: Any, ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -96,11 +102,7 @@ def plot_kv_vs_output_length(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("output tokens fed back (reference description, teacher forcing)")
     ax.set_ylabel("KV cache (MiB, one sample, all layers)")
     ax.set_title("KV-cache bytes vs output length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_line_plot(fig, ax, path)
 
 
 def plot_kept_patches(results: dict[str, Any], path: Path) -> None:
