@@ -1,4 +1,4 @@
-"""`dynamic-llava demo train --quick`: the whole chain (data, start model, stages 1-3, evaluation) end to end
+"""`dynamic-llava demo train --quick`: the whole chain (data, start model, stages 0-3, evaluation) end to end
 at toy size; every stage's output loads and the summary holds what the demo reports. `demo export` and
 `demo compare` run on that chain's output."""
 
@@ -31,12 +31,19 @@ def test_every_stage_output_exists_and_loads(chain: Path) -> None:
                  "test/answers.jsonl"):
         assert (data / name).is_file(), name
     assert (chain / "start" / "config.json").is_file() and (chain / "start" / "vision_tower").is_dir()
+    # stage 0: the pre-trained tower, a CLIP folder of its own that differs from the start's
+    start_tower = safe_open(chain / "start" / "vision_tower" / "model.safetensors", "pt")
+    tower = safe_open(chain / "stage0" / "model.safetensors", "pt")
+    name = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(start_tower.get_tensor(name), tower.get_tensor(name))
     # stage 1: the projector over the start LLM
     _, aligned, _, _ = load_pretrained_model(chain / "stage1", model_base=chain / "start", sparse=False)
     assert aligned.model.mm_projector is not None
-    # stage 2: a dense LLaVA carrying its trained tower
+    # stage 2: a dense LLaVA over the frozen stage-0 tower
     _, dense, processor, _ = load_pretrained_model(chain / "stage2", sparse=False)
-    assert (chain / "stage2" / "vision_tower" / "model.safetensors").is_file()
+    assert Path(json.loads((chain / "stage2" / "config.json").read_text())["mm_vision_tower"]) == chain / "stage0"
+    loaded = {k.removeprefix("vision_model."): v for k, v in dense.model.vision_tower.vision_tower.state_dict().items()}
+    assert torch.equal(loaded[name.removeprefix("vision_model.")].float(), tower.get_tensor(name).float())
     assert processor.crop_size["height"] == dense.model.vision_tower.vision_tower.config.image_size
     assert "sparse_config" not in json.loads((chain / "stage2" / "config.json").read_text())
     # stage 3: a Dynamic-LLaVA checkpoint with the paper's keep rates
@@ -53,7 +60,8 @@ def test_summary_has_per_type_accuracies_and_stage_times(chain: Path) -> None:
         assert all(0.0 <= row["accuracy"] <= 1.0 for row in per_type.values())
         assert 0.0 <= summary[model]["overall"]["accuracy"] <= 1.0
     assert set(summary["majority_baseline_test"]) == {*SHORT_ANSWER_TYPES, "overall"}
-    assert {"data", "start", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse"} <= set(summary["timings"])
+    assert summary["tower_pretraining_val"]["colour_accuracy_object_patches"] >= 0.0
+    assert {"data", "start", "stage0", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse"} <= set(summary["timings"])
 
 
 def test_the_sparse_model_keeps_a_fifth_of_the_image_tokens(chain: Path) -> None:

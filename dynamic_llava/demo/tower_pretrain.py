@@ -2,10 +2,17 @@
 
 Real LLaVA starts from a pre-trained CLIP; the chain's tower starts random, and the LM loss reaching it
 through the LLM is too weak a signal for it to learn to see. The generator knows every object, so
-dense labels are free: for each patch of the tower's output (`select_layer`, CLS dropped, as LLaVA
-reads it), the colour, shape and size of the object covering most of the patch (or "background"),
-and for each image its object count. Linear heads on the features are trained with the tower and
-then thrown away: only the tower is saved, in the layout of the folder it came from.
+dense labels are free. Linear heads on the tower's output (`select_layer`, CLS dropped, as LLaVA reads it)
+are trained with the tower and then thrown away: only the tower is saved, in the layout of the folder it
+came from. Two kinds of head:
+
+- per patch: the colour, shape, size and grid cell (row, column) of the object covering most of the
+  patch, or "background";
+- per image, on the mean of the patch features: the scene's summary, i.e. the object count, the count
+  per colour and per shape, and per (colour, shape) pair its size, row and column, or "absent". A
+  linear head on a mean is a sum of per-patch contributions, so the tower can keep each object's part
+  of the summary on that object's own patches: dropping them loses it, which is what makes the
+  token-dropping policies comparable on this tower.
 """
 
 from __future__ import annotations
@@ -26,12 +33,18 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.render import _draw_object
-from ..data.scenes import COLOURS, SHAPES, SIZES, Scene, scene_from_dict
+from ..data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, scene_from_dict
 from ..mm_utils import process_images
 from ..model.convert import load_clip, load_image_processor
 
-# Label of a patch no object covers enough of: the last class of each attribute head
-HEADS = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}
+# Per-patch heads; a patch no object covers enough of gets the extra last class of each
+HEADS = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "row": tuple(range(GRID)), "col": tuple(range(GRID))}
+PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+# Per-image heads: name -> (sub-heads, classes of each). Class 0 of a pair head is "absent"; the last
+# class of a row / column head is "several" (one pair can occur twice, in both sizes).
+SCENE_HEADS = {"count": (1, MAX_OBJECTS + 1), "colour_count": (len(COLOURS), MAX_OBJECTS + 1),
+               "shape_count": (len(SHAPES), MAX_OBJECTS + 1), "pair_size": (len(PAIRS), 4),
+               "pair_row": (len(PAIRS), GRID + 2), "pair_col": (len(PAIRS), GRID + 2)}
 MIN_COVERAGE = 0.05  # of a patch's pixels; a small star split over four patches still labels one of them
 
 
@@ -54,17 +67,37 @@ def patch_labels(scene: Scene, image_size: int, patch_size: int) -> dict[str, to
     return out
 
 
-class _Heads(nn.Module):
-    """Linear probes on the patch features (attributes) and on their mean (object count)."""
+def scene_labels(scene: Scene) -> dict[str, torch.Tensor]:
+    """The per-image summary targets of `SCENE_HEADS`, one class index per sub-head."""
+    colour_count = [sum(o.colour == c for o in scene.objects) for c in COLOURS]
+    shape_count = [sum(o.shape == s for o in scene.objects) for s in SHAPES]
+    size, row, col = [], [], []
+    for colour, shape in PAIRS:
+        found = [o for o in scene.objects if (o.colour, o.shape) == (colour, shape)]
+        sizes = {o.size for o in found}
+        size.append(0 if not found else 3 if len(sizes) > 1 else 1 + SIZES.index(found[0].size))
+        row.append(0 if not found else GRID + 1 if len(found) > 1 else 1 + found[0].row)
+        col.append(0 if not found else GRID + 1 if len(found) > 1 else 1 + found[0].col)
+    values = {"count": [len(scene.objects)], "colour_count": colour_count, "shape_count": shape_count,
+              "pair_size": size, "pair_row": row, "pair_col": col}
+    return {head: torch.tensor(value) for head, value in values.items()}
 
-    def __init__(self, hidden: int, max_count: int) -> None:
+
+class _Heads(nn.Module):
+    """Linear probes on the patch features (`HEADS`) and on their mean (`SCENE_HEADS`)."""
+
+    def __init__(self, hidden: int) -> None:
         super().__init__()
         self.patch = nn.ModuleDict({head: nn.Linear(hidden, len(values) + 1) for head, values in HEADS.items()})
-        self.count = nn.Linear(hidden, max_count + 1)
+        self.scene = nn.ModuleDict({head: nn.Linear(hidden, n * classes)
+                                    for head, (n, classes) in SCENE_HEADS.items()})
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = {head: layer(features) for head, layer in self.patch.items()}
-        logits["count"] = self.count(features.mean(dim=1))
+        mean = features.mean(dim=1)
+        for head, layer in self.scene.items():
+            n, classes = SCENE_HEADS[head]
+            logits[head] = layer(mean).view(-1, n, classes)
         return logits
 
 
@@ -72,21 +105,20 @@ def _load_split(data_dir: Path, split: str, processor: Any, image_size: int, pat
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel values (bf16, preprocessed as LLaVA training does with `--image_aspect_ratio pad`) and labels."""
     rows = [json.loads(line) for line in (data_dir / split / "scenes.jsonl").read_text(encoding="utf-8").splitlines()]
-    pixels, labels = [], {head: [] for head in [*HEADS, "count"]}
+    pixels, labels = [], {head: [] for head in [*HEADS, *SCENE_HEADS]}
     for start in tqdm(range(0, len(rows), 64), desc=f"{split} images", unit="batch"):
         chunk = rows[start:start + 64]
         images = [Image.open(data_dir / "images" / row["image"]).convert("RGB") for row in chunk]
         pixels.append(process_images(images, processor, "pad").to(torch.bfloat16))
         for row in chunk:
             scene = scene_from_dict(row)
-            for head, value in patch_labels(scene, image_size, patch_size).items():
+            for head, value in [*patch_labels(scene, image_size, patch_size).items(), *scene_labels(scene).items()]:
                 labels[head].append(value)
-            labels["count"].append(torch.tensor(len(scene.objects)))
     return torch.cat(pixels), {head: torch.stack(values) for head, values in labels.items()}
 
 
 def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the mean cross-entropies of the heads."""
+    """Sum over the heads of their mean cross-entropy (over patches, or over sub-heads)."""
     return sum(nn.functional.cross_entropy(logits[head].float().flatten(0, -2), labels[head].flatten())
                for head in logits)
 
@@ -94,7 +126,8 @@ def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) ->
 @torch.no_grad()
 def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
               select_layer: int, batch_size: int) -> dict[str, float]:
-    """Held-out accuracy: attributes on object patches only (background is most patches), count per image."""
+    """Held-out accuracy: per-patch attributes on object patches only (background is most patches); scene
+    heads over all their sub-heads, and the pair heads also over the pairs present only (most are absent)."""
     tower.eval()
     predicted: dict[str, list[torch.Tensor]] = {head: [] for head in labels}
     for start in range(0, len(pixels), batch_size):
@@ -112,7 +145,11 @@ def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dic
     object_patch = labels["colour"] != len(COLOURS)
     guess_object = torch.cat(predicted["colour"]) != len(COLOURS)
     result["object_vs_background_accuracy"] = (guess_object == object_patch).float().mean().item()
-    result["count_accuracy"] = (torch.cat(predicted["count"]) == labels["count"]).float().mean().item()
+    for head in SCENE_HEADS:
+        hit = torch.cat(predicted[head]) == labels[head]
+        result[f"{head}_accuracy"] = hit.float().mean().item()
+        if head.startswith("pair_"):
+            result[f"{head}_accuracy_present"] = hit[labels["pair_size"] != 0].float().mean().item()
     return result
 
 
@@ -154,8 +191,7 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     config = tower.config
     processor = load_image_processor(tower_dir)
     pixels, labels = _load_split(data_dir, "train", processor, config.image_size, config.patch_size)
-    # Sized by the data, not by the generator's current MAX_OBJECTS: a folder may predate a change of it
-    heads = _Heads(config.hidden_size, int(labels["count"].max()))
+    heads = _Heads(config.hidden_size)
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # Linear warm-up, then cosine to zero, as the chain's own stages

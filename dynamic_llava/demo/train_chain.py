@@ -2,12 +2,14 @@
 
 0. data: the synthetic shapes benchmark (`data synth`) in DIR/data;
 1. start: a tiny plain LLaMA and a tiny, randomly initialised CLIP tower (DIR/start);
-2. stage 1, feature alignment: projector only, `plain` template, captions (DIR/stage1/mm_projector.bin);
-3. stage 2, instruction tuning: LLM + projector + tower (there is no pre-trained CLIP here, so the tower
-   must learn), `v1` template: the dense LLaVA (DIR/stage2);
-4. stage 3, Dynamic-LLaVA sparsification training (vision keep 0.2, output-text keep 0.5): DIR/stage3
+2. stage 0, the tower's pre-training (there is no pre-trained CLIP here): supervised by the scene
+   specs, per patch and per image (`tower_pretrain`): DIR/stage0, a CLIP folder;
+3. stage 1, feature alignment: projector only, `plain` template, captions (DIR/stage1/mm_projector.bin);
+4. stage 2, instruction tuning: LLM + projector, the tower frozen as in LLaVA, `v1` template: the dense
+   LLaVA (DIR/stage2, whose config names DIR/stage0 as its tower);
+5. stage 3, Dynamic-LLaVA sparsification training (vision keep 0.2, output-text keep 0.5): DIR/stage3
    (from DIR/stage3_start: stage 2's files linked, with a `sparse_config` sizing the fresh predictors);
-5. evaluation of both on the test split (`model_vqa_loader` + `score_synth`), printed as a table and
+6. evaluation of both on the test split (`model_vqa_loader` + `score_synth`), printed as a table and
    written to DIR/summary.json with the majority baselines and the wall time of each stage.
 
 Every step is the project's own entry point called in-process; this module only chooses sizes and flags.
@@ -47,6 +49,9 @@ class Recipe:
     llm_layers: int = 4
     llm_heads: int = 4
     batch_size: int = 16
+    tower_steps: int = 3000
+    tower_lr: float = 3e-3
+    tower_batch_size: int = 32
     stage1_steps: int = 30
     stage1_lr: float = 1e-3
     stage2_epochs: float = 3.0
@@ -72,10 +77,10 @@ class Recipe:
 # Fresh scenes beat repeated epochs here (2000 scenes x 3 epochs and 6000 x 1 score alike); a quarter of the
 # conversations carry a description, which keeps sequences short and still gives stage 3 ~2000 long answers.
 FULL = Recipe(n_train=8000, n_test=200, stage2_epochs=1.0, describe_share=0.25, stage3_epochs=0.3)
-QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, tower_layers=2, llm_hidden=64, llm_layers=3, batch_size=8,
+QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, tower_layers=2, llm_hidden=64, llm_layers=3, batch_size=8, tower_steps=20, tower_batch_size=8,
                stage1_steps=2, stage2_epochs=1.0, stage3_epochs=1.0, eval_batch_size=36)
 
-STAGES = ("data", "start", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse")
+STAGES = ("data", "start", "stage0", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse")
 
 
 def make_start_model(recipe: Recipe, out: Path, seed: int) -> Path:
@@ -120,22 +125,33 @@ def _common_flags(recipe: Recipe, data: Path, out: Path, seed: int) -> list[str]
             "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.bf16)]
 
 
-def stage1(recipe: Recipe, data: Path, start: Path, out: Path, seed: int) -> None:
+def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int) -> dict[str, Any]:
+    """The tower's pre-training on the training scenes; its loss history and held-out head accuracies are
+    kept in out/pretrain_result.json."""
+    from .tower_pretrain import pretrain_tower
+
+    result = pretrain_tower(data, start / "vision_tower", out, steps=recipe.tower_steps, lr=recipe.tower_lr,
+                            batch_size=recipe.tower_batch_size, seed=seed, threads=None)
+    (out / "pretrain_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed: int) -> None:
     """Feature alignment: the projector alone on the captions (LLaVA's pre-training stage)."""
     from ..train.train import train
 
-    train(["--model_name_or_path", str(start), "--vision_tower", str(start / "vision_tower"),
+    train(["--model_name_or_path", str(start), "--vision_tower", str(tower),
            "--version", "plain", "--tune_mm_mlp_adapter", "True",
            "--data_path", str(data / "train" / "pretrain.json"), *_common_flags(recipe, data, out, seed),
            "--max_steps", str(recipe.stage1_steps), "--learning_rate", str(recipe.stage1_lr)])
 
 
-def stage2(recipe: Recipe, data: Path, start: Path, projector: Path, out: Path, seed: int) -> None:
-    """Instruction tuning of everything, the tower included: the dense LLaVA."""
+def stage2(recipe: Recipe, data: Path, start: Path, tower: Path, projector: Path, out: Path, seed: int) -> None:
+    """Instruction tuning of the LLM and the projector, the pre-trained tower frozen: the dense LLaVA."""
     from ..train.train import train
 
-    train(["--model_name_or_path", str(start), "--vision_tower", str(start / "vision_tower"),
-           "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector), "--unfreeze_mm_vision_tower", "True",
+    train(["--model_name_or_path", str(start), "--vision_tower", str(tower),
+           "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector),
            "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
            "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr)])
 
@@ -154,14 +170,13 @@ def sparse_start(recipe: Recipe, dense: Path, out: Path) -> Path:
     return out
 
 
-def stage3(recipe: Recipe, data: Path, dense: Path, out: Path, seed: int) -> None:
+def stage3(recipe: Recipe, data: Path, dense: Path, tower: Path, out: Path, seed: int) -> None:
     """Dynamic-LLaVA sparsification training on top of the dense model (tower frozen, as in the paper)."""
     from ..train.train import train
 
     start = sparse_start(recipe, dense, out.parent / f"{out.name}_start")
     train(["--model_name_or_path", str(start),
-           # An explicit path: the output then names the stage-2 tower rather than a folder of its own
-           "--vision_tower", str(dense / "vision_tower"),
+           "--vision_tower", str(tower),
            "--version", "v1", "--requires_image", "True",
            "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
            "--num_train_epochs", str(recipe.stage3_epochs), "--learning_rate", str(recipe.stage3_lr),
@@ -230,17 +245,20 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
     stats = _timed("data", timings, lambda: write_dataset(
         SynthConfig(seed, recipe.image_size, recipe.n_train, n_val=recipe.n_test, n_test=recipe.n_test,
                     describe_share=recipe.describe_share), data))
+    tower = out / "stage0"
     _timed("start", timings, lambda: make_start_model(recipe, start, seed))
-    _timed("stage1", timings, lambda: stage1(recipe, data, start, out / "stage1", seed))
-    _timed("stage2", timings, lambda: stage2(recipe, data, start, out / "stage1" / "mm_projector.bin",
+    tower_result = _timed("stage0", timings, lambda: stage0(recipe, data, start, tower, seed))
+    _timed("stage1", timings, lambda: stage1(recipe, data, start, tower, out / "stage1", seed))
+    _timed("stage2", timings, lambda: stage2(recipe, data, start, tower, out / "stage1" / "mm_projector.bin",
                                              out / "stage2", seed))
-    _timed("stage3", timings, lambda: stage3(recipe, data, out / "stage2", out / "stage3", seed))
+    _timed("stage3", timings, lambda: stage3(recipe, data, out / "stage2", tower, out / "stage3", seed))
     dense = _timed("eval_dense", timings, lambda: evaluate(recipe, out / "stage2", data, out / "eval" / "dense",
                                                            dense=True))
     sparse = _timed("eval_sparse", timings, lambda: evaluate(recipe, out / "stage3", data, out / "eval" / "dynamic",
                                                              dense=False))
     summary = {"recipe": dataclasses.asdict(recipe), "seed": seed,
-               "majority_baseline_test": stats["majority_baseline_test"], "dense": dense, "dynamic_llava": sparse,
+               "majority_baseline_test": stats["majority_baseline_test"], "tower_pretraining_val": tower_result.get("val"),
+               "dense": dense, "dynamic_llava": sparse,
                "timings": timings, "total_seconds": round(time.perf_counter() - begin, 1),
                "models": {"dense": str(out / "stage2"), "dynamic_llava": str(out / "stage3")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
