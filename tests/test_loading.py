@@ -127,6 +127,13 @@ def test_checkpoint_without_predictors_warns_and_initialises(tiny_llava_nopred_d
     assert model.sparse.use_vision_predictor  # defaults: this is the start of sparsification training
 
 
+def test_dense_load_of_a_checkpoint_without_predictors_does_not_warn(tiny_llava_nopred_dir: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, model, _, _ = load_pretrained_model(tiny_llava_nopred_dir, sparse=False)
+    assert not model.sparse.use_vision_predictor
+
+
 # ----------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("max_shard_size", ["5GB", "300KB"])
 def test_save_load_round_trip_is_exact(tiny_llava_dir: Path, tmp_path: Path, max_shard_size: str) -> None:

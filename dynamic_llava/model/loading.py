@@ -146,9 +146,10 @@ def load_pretrained_model(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if not check_keys(expected, loader.found, path if base is None else base):
         model.reinit_predictors()
-        warnings.warn(f"{path} has no Dynamic-LLaVA predictor weights: they are freshly initialised "
-                      "(the starting point for sparsification training; use sparse=False for dense LLaVA-1.5)",
-                      stacklevel=2)
+        if sparse is not False:  # a dense load never runs them: nothing to warn about
+            warnings.warn(f"{path} has no Dynamic-LLaVA predictor weights: they are freshly initialised "
+                          "(the starting point for sparsification training; use sparse=False for dense LLaVA-1.5)",
+                          stacklevel=2)
     if is_lora:
         model = _merge_lora(model, path)
 
