@@ -79,7 +79,8 @@ class Recipe:
 # and still gives stage 3 (150 steps) ~600 long answers.
 FULL = Recipe(n_train=16000, n_test=200, stage2_epochs=1.0, describe_share=0.25, stage3_epochs=0.15)
 QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, tower_layers=2, llm_hidden=64, llm_layers=3, batch_size=8,
-               tower_steps=20, tower_batch_size=8, stage1_steps=2, stage2_epochs=1.0, stage3_epochs=1.0, eval_batch_size=36)
+               tower_steps=20, tower_batch_size=8, stage1_steps=2, stage2_epochs=1.0, stage3_epochs=1.0,
+               eval_batch_size=36)
 
 STAGES = ("data", "start", "stage0", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse")
 
