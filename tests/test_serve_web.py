@@ -184,9 +184,12 @@ def test_chat_in_the_browser(web_ui: tuple[str, str], page, tmp_path: Path) -> N
     # Dynamic-LLaVA's per-request keep rate, and a short answer
     page.locator("#keep-rate input[type=number]").fill("0.5")
     page.locator("#keep-rate input[type=number]").press("Enter")
+    expect(page.locator("#keep-rate input[type=range]")).to_have_value("0.5")
     page.locator("#parameters").get_by_text("Parameters").click()
     page.locator("#max-tokens input[type=number]").fill("16")
     page.locator("#max-tokens input[type=number]").press("Enter")
+    # The slider takes the typed value asynchronously; sending before it has would use the default (512)
+    expect(page.locator("#max-tokens input[type=range]")).to_have_value("16")
 
     page.locator("#imagebox input[type=file]").set_input_files(str(_write_png(tmp_path / "shapes.png")))
     expect(page.locator("#imagebox img")).to_be_visible()
