@@ -186,9 +186,12 @@ def test_chat_in_the_browser(web_ui: tuple[str, str], page, tmp_path: Path) -> N
     page.locator("#keep-rate input[type=number]").press("Enter")
     expect(page.locator("#keep-rate input[type=range]")).to_have_value("0.5")
     page.locator("#parameters").get_by_text("Parameters").click()
-    page.locator("#max-tokens input[type=number]").fill("16")
-    page.locator("#max-tokens input[type=number]").press("Enter")
-    # The slider takes the typed value asynchronously; sending before it has would use the default (512)
+    # Typed while the accordion is still opening, the value is sometimes dropped and the default (512)
+    # sent: wait for the input, and for the slider to show the value before sending
+    max_tokens = page.locator("#max-tokens input[type=number]")
+    expect(max_tokens).to_be_editable()
+    max_tokens.fill("16")
+    max_tokens.press("Enter")
     expect(page.locator("#max-tokens input[type=range]")).to_have_value("16")
 
     page.locator("#imagebox input[type=file]").set_input_files(str(_write_png(tmp_path / "shapes.png")))
