@@ -73,11 +73,12 @@ def scene_labels(scene: Scene) -> dict[str, torch.Tensor]:
     shape_count = [sum(o.shape == s for o in scene.objects) for s in SHAPES]
     size, row, col = [], [], []
     for colour, shape in PAIRS:
+        # (size, colour, shape) is unique in a scene, so a pair found twice is there in both sizes
         found = [o for o in scene.objects if (o.colour, o.shape) == (colour, shape)]
-        sizes = {o.size for o in found}
-        size.append(0 if not found else 3 if len(sizes) > 1 else 1 + SIZES.index(found[0].size))
-        row.append(0 if not found else GRID + 1 if len(found) > 1 else 1 + found[0].row)
-        col.append(0 if not found else GRID + 1 if len(found) > 1 else 1 + found[0].col)
+        several = len(found) > 1
+        size.append(0 if not found else 3 if several else 1 + SIZES.index(found[0].size))
+        row.append(0 if not found else GRID + 1 if several else 1 + found[0].row)
+        col.append(0 if not found else GRID + 1 if several else 1 + found[0].col)
     values = {"count": [len(scene.objects)], "colour_count": colour_count, "shape_count": shape_count,
               "pair_size": size, "pair_row": row, "pair_col": col}
     return {head: torch.tensor(value) for head, value in values.items()}
