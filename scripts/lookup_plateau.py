@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from dynamic_llava.constants import IGNORE_INDEX
 from dynamic_llava.data.scenes import COLOURS, SHAPES
 from dynamic_llava.demo.train_chain import FULL
 from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
@@ -50,12 +51,13 @@ def batch(rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """Right-padded ids, labels (answers only) and attention mask."""
     length = max(len(p) + len(a) for p, a in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100)
+    labels = torch.full((len(rows), length), IGNORE_INDEX)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
     for i, (prompt, answer) in enumerate(rows):
-        ids[i, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-        mask[i, :len(prompt) + len(answer)] = 1
-        labels[i, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
+        end = len(prompt) + len(answer)
+        ids[i, :end] = torch.tensor(prompt + answer)
+        mask[i, :end] = 1
+        labels[i, len(prompt):end] = torch.tensor(answer)
     return ids, labels, mask
 
 
@@ -68,7 +70,7 @@ def accuracy(model: LlamaForCausalLM, test: list[Example]) -> float:
         ids, labels, mask = batch(test[start:start + 100])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-        supervised = labels[:, 1:] != -100
+        supervised = labels[:, 1:] != IGNORE_INDEX
         hits = (predicted[:, :-1] == labels[:, 1:]) | ~supervised
         right += int(hits.all(dim=1).sum())
     model.train()
@@ -93,15 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     train_tiny_tokenizer(args.out / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(args.out / "tokenizer")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=FULL.llm_hidden, intermediate_size=4 * FULL.llm_hidden,
-                         num_hidden_layers=FULL.llm_layers, num_attention_heads=FULL.llm_heads,
-                         initializer_range=FULL.llm_init_std, pad_token_id=0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=FULL.llm_hidden,
+                         intermediate_size=4 * FULL.llm_hidden, num_hidden_layers=FULL.llm_layers,
+                         num_attention_heads=FULL.llm_heads, initializer_range=FULL.llm_init_std, pad_token_id=0)
     model = LlamaForCausalLM(config).train()
-    (test, guess), (train, _) = examples(tokenizer, 600, args.pairs, seed=1), examples(tokenizer, 60000, args.pairs, seed=2)
+    test, guess = examples(tokenizer, 600, args.pairs, seed=1)
+    train, _ = examples(tokenizer, 60000, args.pairs, seed=2)
     print(f"guessing a listed colour: {guess:.3f} held-out accuracy")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))  # warm-up
-    rng, history, begin, smoothed = random.Random(3), [], time.perf_counter(), None
+    rng = random.Random(3)
+    history: list[dict[str, float]] = []
+    smoothed: float | None = None
+    begin = time.perf_counter()
     print(f"{'step':>6}{'train loss':>12}{'held-out acc':>14}{'seconds':>9}")
     for step in range(1, args.steps + 1):
         ids, labels, mask = batch(rng.sample(train, args.batch_size))
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {"step": step, "train_loss": round(smoothed, 4), "heldout_accuracy": accuracy(model, test),
                    "seconds": round(time.perf_counter() - begin, 1)}
             history.append(row)
-            print(f"{step:>6}{row['train_loss']:>12.3f}{row['heldout_accuracy']:>14.3f}{row['seconds']:>9.0f}", flush=True)
+            print(f"{step:>6}{row['train_loss']:>12.3f}{row['heldout_accuracy']:>14.3f}{row['seconds']:>9.0f}",
+                  flush=True)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "llm": config.to_diff_dict(),
               "listed_colour_guess_accuracy": round(guess, 4), "history": history}
     (args.out / "lookup_plateau.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -82,6 +82,7 @@ QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, tower_layers=2, llm_hidden
                tower_steps=20, tower_batch_size=8, stage1_steps=2, stage2_epochs=1.0, stage3_epochs=1.0,
                eval_batch_size=36)
 
+
 def make_start_model(recipe: Recipe, out: Path, seed: int) -> Path:
     """A plain LLaMA (the tiny tokenizer) with the chain's CLIP tower in out/vision_tower."""
     from ..tiny.checkpoint import make_tiny_checkpoint
