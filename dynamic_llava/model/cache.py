@@ -71,10 +71,12 @@ class LayerKVCache:
         end = int((self.lengths + t).max())
         self._reserve(end)
         slots = self.lengths[:, None] + torch.arange(t, device=k.device)  # [B, T]
-        index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        self.positions.scatter_(1, slots, positions)
+        rows = torch.arange(len(slots), device=k.device)[:, None].expand_as(slots)
+        # index_put_ through a [B, S, Hkv, D] view costs what the new entries cost; scatter_ along dim 2
+        # costs what the whole cache costs (29 ms per layer at a 4.7K-entry 7B cache, 2 threads).
+        self.k.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))
+        self.v.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
+        self.positions.index_put_((rows, slots), positions)
         if self.scores is not None:
             self.scores.scatter_(1, slots, 0.0)  # the slots may hold an evicted or scratch entry's sum
         valid = torch.arange(end, device=k.device)[None, :] < (self.lengths + n_new)[:, None]
