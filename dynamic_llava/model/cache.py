@@ -55,6 +55,15 @@ class LayerKVCache:
             self.generated = torch.zeros(b, capacity, dtype=torch.bool, device=self.positions.device)
             self.n_generated = torch.zeros_like(self.lengths)
 
+    def _next_slots(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and slot indices [B, T] of the t slots after each sample's length.
+
+        Indexed assignment costs what the new entries cost; `scatter_` along the slot axis costs what
+        the whole cache costs (29 ms per layer at a 4.7K-entry 7B cache, 2 threads).
+        """
+        slots = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+        return torch.arange(len(slots), device=slots.device)[:, None].expand_as(slots), slots
+
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write new entries (k, v: [B, Hkv, T, D]; positions [B, T]; n_new [B] real ones, right-padded).
@@ -70,15 +79,12 @@ class LayerKVCache:
             return k, v, self.positions, valid
         end = int((self.lengths + t).max())
         self._reserve(end)
-        slots = self.lengths[:, None] + torch.arange(t, device=k.device)  # [B, T]
-        rows = torch.arange(len(slots), device=k.device)[:, None].expand_as(slots)
-        # index_put_ through a [B, S, Hkv, D] view costs what the new entries cost; scatter_ along dim 2
-        # costs what the whole cache costs (29 ms per layer at a 4.7K-entry 7B cache, 2 threads).
-        self.k.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))
-        self.v.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
-        self.positions.index_put_((rows, slots), positions)
+        rows, slots = self._next_slots(t)
+        self.k[rows, :, slots] = k.transpose(1, 2)
+        self.v[rows, :, slots] = v.transpose(1, 2)
+        self.positions[rows, slots] = positions
         if self.scores is not None:
-            self.scores.scatter_(1, slots, 0.0)  # the slots may hold an evicted or scratch entry's sum
+            self.scores[rows, slots] = 0.0  # the slots may hold an evicted or scratch entry's sum
         valid = torch.arange(end, device=k.device)[None, :] < (self.lengths + n_new)[:, None]
         return self.k[:, :, :end], self.v[:, :, :end], self.positions[:, :end], valid
 
@@ -101,8 +107,8 @@ class LayerKVCache:
         """
         if self.generated is not None:
             t = generated.shape[1]
-            slots = self.lengths[:, None] + torch.arange(t, device=generated.device)
-            self.generated.scatter_(1, slots, generated)
+            rows, slots = self._next_slots(t)
+            self.generated[rows, slots] = generated
             kept = torch.arange(t, device=generated.device)[None, :] < n_kept[:, None]
             self.n_generated = self.n_generated + (generated & kept).sum(1)
         self.lengths = self.lengths + n_kept
