@@ -174,6 +174,28 @@ def _write_png(path: Path) -> Path:
     return path
 
 
+def _set_slider(page, elem_id: str, value: str, attempts: int = 5) -> None:
+    """Type a value into a slider's number box until the slider itself shows it.
+
+    Typed while the page is still settling (an accordion opening, a loaded machine in CI), the value is
+    sometimes dropped and the slider keeps its default, which would then be sent: type it again.
+    """
+    number = page.locator(f"#{elem_id} input[type=number]")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(attempts - 1):
+        sync_api.expect(number).to_be_editable()
+        number.fill(value)
+        number.press("Enter")
+        try:
+            sync_api.expect(slider).to_have_value(value, timeout=2000)
+            return
+        except AssertionError:
+            continue
+    number.fill(value)
+    number.press("Enter")
+    sync_api.expect(slider).to_have_value(value)
+
+
 def test_chat_in_the_browser(web_ui: tuple[str, str], page, tmp_path: Path) -> None:
     expect = sync_api.expect
     url, model = web_ui
@@ -182,17 +204,9 @@ def test_chat_in_the_browser(web_ui: tuple[str, str], page, tmp_path: Path) -> N
     expect(page.locator("#model input")).to_have_value(model)  # reloaded from the controller on page load
 
     # Dynamic-LLaVA's per-request keep rate, and a short answer
-    page.locator("#keep-rate input[type=number]").fill("0.5")
-    page.locator("#keep-rate input[type=number]").press("Enter")
-    expect(page.locator("#keep-rate input[type=range]")).to_have_value("0.5")
+    _set_slider(page, "keep-rate", "0.5")
     page.locator("#parameters").get_by_text("Parameters").click()
-    # Typed while the accordion is still opening, the value is sometimes dropped and the default (512)
-    # sent: wait for the input, and for the slider to show the value before sending
-    max_tokens = page.locator("#max-tokens input[type=number]")
-    expect(max_tokens).to_be_editable()
-    max_tokens.fill("16")
-    max_tokens.press("Enter")
-    expect(page.locator("#max-tokens input[type=range]")).to_have_value("16")
+    _set_slider(page, "max-tokens", "16")
 
     page.locator("#imagebox input[type=file]").set_input_files(str(_write_png(tmp_path / "shapes.png")))
     expect(page.locator("#imagebox img")).to_be_visible()
