@@ -8,7 +8,13 @@ one shape, e.g. "star purple; circle red; square red; diamond blue\nWhat color i
 steps and written to OUT/lookup_plateau.json, next to the score of guessing one of the listed colours
 (what a model that reads the listing but cannot bind a colour to its shape gets).
 
-    python scripts/lookup_plateau.py --out /tmp/plateau [--steps 1000] [--pairs 4]
+`--recall-share F` makes that share of every batch multi-query recall rows instead: the listing, then
+every listed shape again in a new order, each followed by its colour, e.g. "...\ncircle red; star
+purple; ...", with every colour supervised. Each such row asks the look-up several times, with the
+answer right after the name, and the held-out question accuracy shows whether that denser signal gets
+the question form past the plateau.
+
+    python scripts/lookup_plateau.py --out /tmp/plateau [--steps 1000] [--pairs 4] [--recall-share 0.5]
 """
 
 from __future__ import annotations
@@ -29,35 +35,58 @@ from dynamic_llava.data.scenes import COLOURS, SHAPES
 from dynamic_llava.demo.train_chain import FULL
 from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
 
-Example = tuple[list[int], list[int]]  # prompt ids, answer ids (+ </s>)
+Example = tuple[list[int], list[int]]  # token ids, labels (IGNORE_INDEX where not supervised)
+
+
+def _listing(rng: random.Random, pairs: int) -> tuple[list[str], list[str]]:
+    shapes = rng.sample(SHAPES, pairs)
+    return shapes, [rng.choice(COLOURS) for _ in shapes]
 
 
 def examples(tokenizer, n: int, pairs: int, seed: int) -> tuple[list[Example], float]:
-    """`n` examples and the expected accuracy of answering a uniformly drawn listed colour."""
+    """`n` question examples and the expected accuracy of answering a uniformly drawn listed colour."""
     rng = random.Random(seed)
     out, guess = [], 0.0
     for _ in range(n):
-        shapes = rng.sample(SHAPES, pairs)
-        colours = [rng.choice(COLOURS) for _ in shapes]
+        shapes, colours = _listing(rng, pairs)
         k = rng.randrange(pairs)
         guess += colours.count(colours[k]) / pairs / n
         listing = "; ".join(f"{s} {c}" for s, c in zip(shapes, colours))
         prompt = tokenizer(f"{listing}\nWhat color is the {shapes[k]}? ASSISTANT:").input_ids
-        out.append((prompt, tokenizer(colours[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]))
+        answer = tokenizer(colours[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        out.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
     return out, guess
 
 
+def recall_examples(tokenizer, n: int, pairs: int, seed: int) -> list[Example]:
+    """`n` multi-query recall rows: the listing, then each shape again (new order) with its colour supervised."""
+    def piece(text: str) -> list[int]:  # each part on its own, so the recall part never merges tokens
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        shapes, colours = _listing(rng, pairs)
+        ids = tokenizer("; ".join(f"{s} {c}" for s, c in zip(shapes, colours))).input_ids + piece("\n")
+        labels = [IGNORE_INDEX] * len(ids)
+        for k in rng.sample(range(pairs), pairs):
+            name, colour, end = piece(shapes[k]), piece(f" {colours[k]}"), piece(";")
+            ids += name + colour + end
+            labels += [IGNORE_INDEX] * len(name) + colour + [IGNORE_INDEX] * len(end)
+        out.append((ids, labels))
+    return out
+
+
 def batch(rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, labels (answers only) and attention mask."""
-    length = max(len(p) + len(a) for p, a in rows)
+    """Right-padded ids, labels and attention mask."""
+    length = max(len(ids) for ids, _ in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (prompt, answer) in enumerate(rows):
-        end = len(prompt) + len(answer)
-        ids[i, :end] = torch.tensor(prompt + answer)
-        mask[i, :end] = 1
-        labels[i, len(prompt):end] = torch.tensor(answer)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, :len(row_ids)] = torch.tensor(row_ids)
+        labels[i, :len(row_labels)] = torch.tensor(row_labels)
+        mask[i, :len(row_ids)] = 1
     return ids, labels, mask
 
 
@@ -84,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pairs", type=int, default=4, help="(shape, colour) pairs per listing")
+    parser.add_argument("--recall-share", type=float, default=0.0,
+                        help="share of every batch given as multi-query recall rows instead of questions")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if not 1 <= args.pairs <= len(SHAPES):
         print(f"error: --pairs must be in 1..{len(SHAPES)}", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.recall_share <= 1.0:
+        print("error: --recall-share must be in [0, 1]", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -101,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     model = LlamaForCausalLM(config).train()
     test, guess = examples(tokenizer, 600, args.pairs, seed=1)
     train, _ = examples(tokenizer, 60000, args.pairs, seed=2)
+    recall = recall_examples(tokenizer, 60000, args.pairs, seed=4)
+    n_recall = round(args.batch_size * args.recall_share)
     print(f"guessing a listed colour: {guess:.3f} held-out accuracy")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))  # warm-up
@@ -110,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     print(f"{'step':>6}{'train loss':>12}{'held-out acc':>14}{'seconds':>9}")
     for step in range(1, args.steps + 1):
-        ids, labels, mask = batch(rng.sample(train, args.batch_size))
+        ids, labels, mask = batch(rng.sample(recall, n_recall) + rng.sample(train, args.batch_size - n_recall))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(input_ids=ids, attention_mask=mask).logits
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
