@@ -38,9 +38,11 @@ from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
 Example = tuple[list[int], list[int]]  # token ids, labels (IGNORE_INDEX where not supervised)
 
 
-def _listing(rng: random.Random, pairs: int) -> tuple[list[str], list[str]]:
+def _listing(rng: random.Random, pairs: int) -> tuple[list[str], list[str], str]:
+    """Distinct shapes, a colour each (with replacement), and their listing "star purple; circle red; ..."."""
     shapes = rng.sample(SHAPES, pairs)
-    return shapes, [rng.choice(COLOURS) for _ in shapes]
+    colours = [rng.choice(COLOURS) for _ in shapes]
+    return shapes, colours, "; ".join(f"{s} {c}" for s, c in zip(shapes, colours))
 
 
 def examples(tokenizer, n: int, pairs: int, seed: int) -> tuple[list[Example], float]:
@@ -48,10 +50,9 @@ def examples(tokenizer, n: int, pairs: int, seed: int) -> tuple[list[Example], f
     rng = random.Random(seed)
     out, guess = [], 0.0
     for _ in range(n):
-        shapes, colours = _listing(rng, pairs)
+        shapes, colours, listing = _listing(rng, pairs)
         k = rng.randrange(pairs)
         guess += colours.count(colours[k]) / pairs / n
-        listing = "; ".join(f"{s} {c}" for s, c in zip(shapes, colours))
         prompt = tokenizer(f"{listing}\nWhat color is the {shapes[k]}? ASSISTANT:").input_ids
         answer = tokenizer(colours[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         out.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
@@ -68,8 +69,8 @@ def recall_examples(tokenizer, n: int, pairs: int, seed: int) -> list[Example]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        shapes, colours = _listing(rng, pairs)
-        ids = tokenizer("; ".join(f"{s} {c}" for s, c in zip(shapes, colours))).input_ids + piece("\n")
+        shapes, colours, listing = _listing(rng, pairs)
+        ids = tokenizer(listing).input_ids + piece("\n")
         labels = [IGNORE_INDEX] * len(ids)
         for k in rng.sample(range(pairs), pairs):
             name, colour, end = piece(shapes[k]), piece(f" {colours[k]}"), piece(";")
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     model = LlamaForCausalLM(config).train()
     test, guess = examples(tokenizer, 600, args.pairs, seed=1)
     train, _ = examples(tokenizer, 60000, args.pairs, seed=2)
-    recall = recall_examples(tokenizer, 60000, args.pairs, seed=4)
     n_recall = round(args.batch_size * args.recall_share)
+    recall = recall_examples(tokenizer, 60000, args.pairs, seed=4) if n_recall else []
     print(f"guessing a listed colour: {guess:.3f} held-out accuracy")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))  # warm-up

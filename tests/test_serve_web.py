@@ -182,18 +182,16 @@ def _set_slider(page, elem_id: str, value: str, attempts: int = 5) -> None:
     """
     number = page.locator(f"#{elem_id} input[type=number]")
     slider = page.locator(f"#{elem_id} input[type=range]")
-    for _ in range(attempts - 1):
+    for attempt in range(1, attempts + 1):
         sync_api.expect(number).to_be_editable()
         number.fill(value)
         number.press("Enter")
         try:
-            sync_api.expect(slider).to_have_value(value, timeout=2000)
+            sync_api.expect(slider).to_have_value(value, timeout=2000 if attempt < attempts else 5000)
             return
         except AssertionError:
-            continue
-    number.fill(value)
-    number.press("Enter")
-    sync_api.expect(slider).to_have_value(value)
+            if attempt == attempts:
+                raise
 
 
 def test_chat_in_the_browser(web_ui: tuple[str, str], page, tmp_path: Path) -> None:
