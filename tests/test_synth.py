@@ -3,6 +3,7 @@ files read by the training data pipeline, the runners and the scorers."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -23,7 +24,7 @@ from dynamic_llava.data.scenes import (
     scene_from_dict,
     split_of,
 )
-from dynamic_llava.data.synth import SHORT_ANSWER_SUFFIX, SynthConfig, write_dataset
+from dynamic_llava.data.synth import ANSWER_ALL_PROMPT, SHORT_ANSWER_SUFFIX, SynthConfig, write_dataset
 from dynamic_llava.eval import eval_pope, model_vqa_loader
 from dynamic_llava.eval.generation_ability import read_samples
 from dynamic_llava.model.loading import load_pretrained_model
@@ -162,6 +163,27 @@ def test_training_answers_are_correct_by_construction(data: Path) -> None:
         human, gpt = sample["conversations"]
         assert human == {"from": "human", "value": "<image>"}
         assert all(o.name in gpt["value"] for o in scenes[sample["image"]].objects)
+
+
+def test_answer_all_conversations_pair_each_question_with_its_answer(data: Path, tmp_path: Path) -> None:
+    mixed = _generate(tmp_path / "mixed", dataclasses.replace(CONFIG, answer_all_share=0.5))
+    scenes = _scenes(mixed, "train")
+    plain = json.loads((data / "train" / "instruct.json").read_text())
+    converted = 0
+    for before, after in zip(plain, json.loads((mixed / "train" / "instruct.json").read_text())):
+        if after == before:
+            continue  # the share decides per scene on its own stream: the other conversations are unchanged
+        converted += 1
+        turns, scene = after["conversations"], scenes[after["image"]]
+        assert turns[0] == {"from": "human", "value": "<image>\n" + ANSWER_ALL_PROMPT}
+        pairs = re.findall(r"(.+?\?) (\w+)\.(?: |$)", turns[1]["value"])
+        assert " ".join(f"{q} {a}." for q, a in pairs) == turns[1]["value"]
+        assert all(recompute(scene, q) == a for q, a in pairs)
+        assert len(pairs) == sum(t["value"].endswith(SHORT_ANSWER_SUFFIX) for t in before["conversations"][::2])
+        described = description(scene) in [t["value"] for t in before["conversations"]]
+        assert turns[2:] == ([] if not described else [turns[2], {"from": "gpt", "value": description(scene)}])
+    assert 0 < converted < len(plain)
+    assert json.loads((mixed / "stats.json").read_text())["splits"]["train"]["answer_all"] == converted
 
 
 def test_pope_files_and_adversarial_negatives(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

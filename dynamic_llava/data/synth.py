@@ -3,7 +3,8 @@
 Layout under DIR (image paths in every file are relative to DIR/images):
 - images/{train,val,test}/NNNNNN.png; {split}/scenes.jsonl: the scene specs the answers come from
 - train/pretrain.json: LLaVA `plain` pre-training pairs (human "<image>", gpt a short caption)
-- train/instruct.json: LLaVA instruction data, one multi-turn conversation per scene
+- train/instruct.json: LLaVA instruction data, one conversation per scene: a turn per question, or (a
+  share of them) every question asked and answered in one turn
 - {val,test}/questions.jsonl ({question_id, image, text, category}) and answers.jsonl ({question_id,
   answer, category}) for `model_vqa_loader` and `score_synth`
 - {val,test}/pope/questions.jsonl (category = negative kind) and coco_pope_{kind}.json for `eval_pope`
@@ -38,6 +39,7 @@ from .render import render_scene
 from .scenes import SPLITS, Scene, sample_scene
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's
+ANSWER_ALL_PROMPT = "Ask questions about the image and answer them."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,9 @@ class SynthConfig:
     n_val: int = 200
     n_test: int = 200
     describe_share: float = 0.5  # share of training conversations that also ask for the long description
+    # Share of training conversations in one turn ("Q1? A1. Q2? A2. ..."): each answer right after its
+    # question, a layout a small LLM trained from scratch learns look-up from far sooner (RESULTS.md)
+    answer_all_share: float = 0.0
 
     def scenes(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
@@ -72,17 +77,24 @@ def _short_prompt(question: str) -> str:
     return f"{question}\n{SHORT_ANSWER_SUFFIX}"
 
 
-def _conversation(scene: Scene, qas: list[QA], rng: random.Random, describe_share: float) -> list[dict[str, str]]:
-    """The short questions in random order, maybe with the description request at a random place."""
-    turns = [(_short_prompt(qa.question), qa.answer) for qa in qas]
-    rng.shuffle(turns)
-    if rng.random() < describe_share:
-        turns.insert(rng.randint(0, len(turns)), (rng.choice(DESCRIBE_PROMPTS), description(scene)))
+def _conversation(scene: Scene, qas: list[QA], rng: random.Random, describe_share: float, answer_all: bool
+                  ) -> tuple[list[dict[str, str]], bool]:
+    """The short questions in random order, maybe with the description request at a random place; with
+    `answer_all`, the questions and their answers in one turn, then maybe the description request.
+    Returns the turns and whether the description is among them."""
+    order = list(qas)
+    rng.shuffle(order)
+    turns = ([(ANSWER_ALL_PROMPT, " ".join(f"{qa.question} {qa.answer}." for qa in order))] if answer_all
+             else [(_short_prompt(qa.question), qa.answer) for qa in order])
+    described = rng.random() < describe_share
+    if described:
+        place = len(turns) if answer_all else rng.randint(0, len(turns))
+        turns.insert(place, (rng.choice(DESCRIBE_PROMPTS), description(scene)))
     out = []
     for i, (question, answer) in enumerate(turns):
         out += [{"from": "human", "value": "<image>\n" + question if i == 0 else question},
                 {"from": "gpt", "value": answer}]
-    return out
+    return out, described
 
 
 def _scene_record(scene: Scene) -> dict[str, Any]:
@@ -98,6 +110,7 @@ class _Split:
         self.qas: list[tuple[Scene, str, QA]] = []  # (scene, question_id, qa)
         self.conversations: list[dict[str, Any]] = []
         self.described = 0  # training conversations with a description turn
+        self.answer_all = 0  # training conversations with every question in one turn
         for index in tqdm(range(config.scenes(split)), desc=f"{split} scenes", unit="scene"):
             scene = sample_scene(config.seed, split, index)
             self.scenes.append(scene)
@@ -106,8 +119,11 @@ class _Split:
             qas = scene_questions(scene, index, rng)
             self.qas += [(scene, f"{scene.scene_id}_{k}", qa) for k, qa in enumerate(qas)]
             if split == "train":
-                turns = _conversation(scene, qas, rng, config.describe_share)
-                self.described += len(turns) // 2 > len(qas)
+                # Its own stream, so that the other conversations do not depend on the share
+                answer_all = random.Random(f"synth-form/{config.seed}/{scene.scene_id}").random() < config.answer_all_share
+                turns, described = _conversation(scene, qas, rng, config.describe_share, answer_all)
+                self.described += described
+                self.answer_all += answer_all
                 self.conversations.append({"id": scene.scene_id, "image": _image(scene), "conversations": turns})
 
     def write(self, root: Path) -> dict[str, Any]:
@@ -121,6 +137,7 @@ class _Split:
             _dump_json(root / "train" / "pretrain.json", pretrain)
             _dump_json(root / "train" / "instruct.json", self.conversations)
             counts["describe"] = self.described
+            counts["answer_all"] = self.answer_all
             return counts
         _dump_jsonl(root / self.split / "questions.jsonl", [
             {"question_id": qid, "image": _image(s), "text": _short_prompt(qa.question), "category": qa.category}
@@ -198,6 +215,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-train", type=int, default=defaults.n_train, help="training scenes")
     parser.add_argument("--n-val", type=int, default=defaults.n_val, help="validation scenes")
     parser.add_argument("--n-test", type=int, default=defaults.n_test, help="test scenes")
+    parser.add_argument("--describe-share", type=float, default=defaults.describe_share,
+                        help="share of training conversations that also ask for the long description")
+    parser.add_argument("--answer-all-share", type=float, default=defaults.answer_all_share,
+                        help="share of training conversations that ask and answer every question in one turn")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,7 +227,11 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--n-train", args.n_train), ("--n-val", args.n_val), ("--n-test", args.n_test)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    config = SynthConfig(args.seed, args.image_size, args.n_train, args.n_val, args.n_test)
+    for flag, value in (("--describe-share", args.describe_share), ("--answer-all-share", args.answer_all_share)):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{flag} must be in [0, 1], got {value}")
+    config = SynthConfig(args.seed, args.image_size, args.n_train, args.n_val, args.n_test,
+                         args.describe_share, args.answer_all_share)
     stats = write_dataset(config, Path(args.out))
     print(f"synthetic benchmark written to {args.out}")
     for category, row in stats["majority_baseline_test"].items():

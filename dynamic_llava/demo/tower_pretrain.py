@@ -102,7 +102,7 @@ class _Heads(nn.Module):
         return logits
 
 
-def _load_split(data_dir: Path, split: str, processor: Any, image_size: int, patch_size: int
+def load_split(data_dir: Path, split: str, processor: Any, image_size: int, patch_size: int
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel values (bf16, preprocessed as LLaVA training does with `--image_aspect_ratio pad`) and labels."""
     rows = [json.loads(line) for line in (data_dir / split / "scenes.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -191,7 +191,7 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     tower = load_clip(tower_dir, dtype=torch.float32).train()
     config = tower.config
     processor = load_image_processor(tower_dir)
-    pixels, labels = _load_split(data_dir, "train", processor, config.image_size, config.patch_size)
+    pixels, labels = load_split(data_dir, "train", processor, config.image_size, config.patch_size)
     heads = _Heads(config.hidden_size)
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -221,7 +221,7 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     _save_tower(tower, tower_dir, out_dir)
     result: dict[str, Any] = {"steps": steps, "loss_history": history, "train_images": len(pixels)}
     if (data_dir / "val" / "scenes.jsonl").is_file():
-        val_pixels, val_labels = _load_split(data_dir, "val", processor, config.image_size, config.patch_size)
+        val_pixels, val_labels = load_split(data_dir, "val", processor, config.image_size, config.patch_size)
         result["val"] = _evaluate(tower, heads, val_pixels, val_labels, select_layer, batch_size)
     result["seconds"] = round(time.perf_counter() - began, 1)
     return result

@@ -4,9 +4,10 @@
 1. start: a tiny plain LLaMA and a tiny, randomly initialised CLIP tower (DIR/start);
 2. stage 0, the tower's pre-training (there is no pre-trained CLIP here): supervised by the scene
    specs, per patch and per image (`tower_pretrain`): DIR/stage0, a CLIP folder;
-3. stage 1, feature alignment: projector only, `plain` template, captions (DIR/stage1/mm_projector.bin);
-4. stage 2, instruction tuning: LLM + projector, the tower frozen as in LLaVA, `v1` template: the dense
-   LLaVA (DIR/stage2, whose config names DIR/stage0 as its tower);
+3. stage 1, feature alignment: the projector alone, regressed onto the start LLM's word embeddings of
+   each patch's object attributes (`projector_align`; DIR/stage1/mm_projector.bin);
+4. stage 2, instruction tuning: the LLM, the tower and the aligned projector frozen, `v1` template: the
+   dense LLaVA (DIR/stage2, whose config names DIR/stage0 as its tower);
 5. stage 3, Dynamic-LLaVA sparsification training (vision keep 0.2, output-text keep 0.5): DIR/stage3
    (from DIR/stage3_start: stage 2's files linked, with a `sparse_config` sizing the fresh predictors);
 6. evaluation of both on the test split (`model_vqa_loader` + `score_synth`), printed as a table and
@@ -52,15 +53,16 @@ class Recipe:
     tower_steps: int = 3000
     tower_lr: float = 3e-3
     tower_batch_size: int = 32
-    stage1_steps: int = 30
-    stage1_lr: float = 1e-3
+    align_steps: int = 4000
+    align_lr: float = 3e-3
+    align_batch_size: int = 256  # images, all their patches
     stage2_epochs: float = 3.0
     stage2_lr: float = 1e-3
     stage3_epochs: float = 1.0
     stage3_lr: float = 2e-4
     predictor_lr: float = 1e-3
-    # Descriptions are 150-340 tokens, short answers 1-3: any threshold in between selects exactly the
-    # descriptions for output-token decisions.
+    # Descriptions are 140-340 tokens, the one-turn question lists 100-140, short answers 1-3: the threshold
+    # selects the descriptions and the lists for output-token decisions.
     output_text_len: int = 64
     # Predictor width: SPEC's 512 / 2048 would be twice the LLM's width and most of the bundled model's bytes
     predictor_d_model: int = 128
@@ -72,14 +74,16 @@ class Recipe:
     # learns to condition answers on the question far faster from the usual N(0, 0.02)
     llm_init_std: float = 0.02
     describe_share: float = 0.5  # training conversations that also ask for the long description
+    answer_all_share: float = 0.5  # training conversations that ask and answer every question in one turn
 
 
 # Fresh scenes beat repeated epochs here (2000 scenes x 3 epochs and 6000 x 1 score alike): stage 2 is 1000
 # steps over 16000 scenes. A quarter of the conversations carry a description, which keeps sequences short
-# and still gives stage 3 (150 steps) ~600 long answers.
+# and still gives stage 3 (150 steps) ~600 descriptions; half ask every question in one turn.
 FULL = Recipe(n_train=16000, n_test=200, stage2_epochs=1.0, describe_share=0.25, stage3_epochs=0.15)
 QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, tower_layers=2, llm_hidden=64, llm_layers=3, batch_size=8,
-               tower_steps=20, tower_batch_size=8, stage1_steps=2, stage2_epochs=1.0, stage3_epochs=1.0,
+               tower_steps=20, tower_batch_size=8, align_steps=20, align_batch_size=8, stage2_epochs=1.0,
+               stage3_epochs=1.0,
                eval_batch_size=36)
 
 
@@ -136,22 +140,24 @@ def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int) -> dic
     return result
 
 
-def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed: int) -> None:
-    """Feature alignment: the projector alone on the captions (LLaVA's pre-training stage)."""
-    from ..train.train import train
+def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed: int) -> dict[str, Any]:
+    """Feature alignment: the projector alone, fitted to word-embedding slots (LLaVA's pre-training stage
+    with a target the generator knows); its loss history and held-out fit are kept in out/align_result.json."""
+    from .projector_align import align_projector
 
-    train(["--model_name_or_path", str(start), "--vision_tower", str(tower),
-           "--version", "plain", "--tune_mm_mlp_adapter", "True",
-           "--data_path", str(data / "train" / "pretrain.json"), *_common_flags(recipe, data, out, seed),
-           "--max_steps", str(recipe.stage1_steps), "--learning_rate", str(recipe.stage1_lr)])
+    result = align_projector(data, start, tower, out, steps=recipe.align_steps, lr=recipe.align_lr,
+                             batch_size=recipe.align_batch_size, seed=seed)
+    (out / "align_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
 
 
 def stage2(recipe: Recipe, data: Path, start: Path, tower: Path, projector: Path, out: Path, seed: int) -> None:
-    """Instruction tuning of the LLM and the projector, the pre-trained tower frozen: the dense LLaVA."""
+    """Instruction tuning of the LLM, the pre-trained tower and the aligned projector frozen (trained, the
+    projector drifts off its slots and the look-up is learnt later): the dense LLaVA."""
     from ..train.train import train
 
     train(["--model_name_or_path", str(start), "--vision_tower", str(tower),
-           "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector),
+           "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector), "--freeze_mm_mlp_adapter", "True",
            "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
            "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr)])
 
@@ -171,13 +177,14 @@ def sparse_start(recipe: Recipe, dense: Path, out: Path) -> Path:
 
 
 def stage3(recipe: Recipe, data: Path, dense: Path, tower: Path, out: Path, seed: int) -> None:
-    """Dynamic-LLaVA sparsification training on top of the dense model (tower frozen, as in the paper)."""
+    """Dynamic-LLaVA sparsification training on top of the dense model (tower frozen, as in the paper; the
+    projector too, as in stage 2)."""
     from ..train.train import train
 
     start = sparse_start(recipe, dense, out.parent / f"{out.name}_start")
     train(["--model_name_or_path", str(start),
            "--vision_tower", str(tower),
-           "--version", "v1", "--requires_image", "True",
+           "--version", "v1", "--requires_image", "True", "--freeze_mm_mlp_adapter", "True",
            "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
            "--num_train_epochs", str(recipe.stage3_epochs), "--learning_rate", str(recipe.stage3_lr),
            "--predictor_lr", str(recipe.predictor_lr), "--vision_keep_rate", "0.2",
@@ -244,11 +251,11 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
     begin = time.perf_counter()
     stats = _timed("data", timings, lambda: write_dataset(
         SynthConfig(seed, recipe.image_size, recipe.n_train, n_val=recipe.n_test, n_test=recipe.n_test,
-                    describe_share=recipe.describe_share), data))
+                    describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share), data))
     tower = out / "stage0"
     _timed("start", timings, lambda: make_start_model(recipe, start, seed))
     tower_result = _timed("stage0", timings, lambda: stage0(recipe, data, start, tower, seed))
-    _timed("stage1", timings, lambda: stage1(recipe, data, start, tower, out / "stage1", seed))
+    align_result = _timed("stage1", timings, lambda: stage1(recipe, data, start, tower, out / "stage1", seed))
     _timed("stage2", timings, lambda: stage2(recipe, data, start, tower, out / "stage1" / "mm_projector.bin",
                                              out / "stage2", seed))
     _timed("stage3", timings, lambda: stage3(recipe, data, out / "stage2", tower, out / "stage3", seed))
@@ -258,6 +265,7 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
                                                              dense=False))
     summary = {"recipe": dataclasses.asdict(recipe), "seed": seed,
                "majority_baseline_test": stats["majority_baseline_test"], "tower_pretraining_val": tower_result.get("val"),
+               "projector_alignment_val": align_result.get("val"),
                "dense": dense, "dynamic_llava": sparse,
                "timings": timings, "total_seconds": round(time.perf_counter() - begin, 1),
                "models": {"dense": str(out / "stage2"), "dynamic_llava": str(out / "stage3")}}

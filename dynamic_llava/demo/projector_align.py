@@ -1,0 +1,122 @@
+"""Stage 1 of the demo chain: align the projector by regression onto word-embedding "slots".
+
+LLaVA's stage 1 trains the projector on captions so that image tokens land where a pre-trained LLM
+already reads words. The chain's LLM starts from scratch, and captions teach its projector little
+(RESULTS, "Where the look-up breaks"). The generator knows every object, so the target can be given
+directly: for each patch, the sum over its main object's attributes (colour, shape, size, row word,
+column word; "background" for each where no object covers it) of the start LLM's mean input embedding
+of the attribute's word. The projector (LLaVA's mlp2x_gelu, on the tower's selected features) is fitted
+to these slots with a mean-squared error and written as LLaVA's stage 1 writes it (config.json +
+mm_projector.bin), for stage 2 to load with `--pretrain_mm_mlp_adapter` and keep frozen.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..data.scenes import COLOURS, SHAPES, SIZES
+from ..model.loading import load_base_llm
+from ..train.trainer import write_config
+from .tower_pretrain import load_split
+
+ROW_WORDS, COL_WORDS = ("top", "middle", "bottom"), ("left", "center", "right")
+# The words of `tower_pretrain.HEADS` classes, in the same order
+SLOT_WORDS = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "row": ROW_WORDS, "col": COL_WORDS}
+BACKGROUND = "background"
+
+
+def slot_tables(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per patch head, [classes + 1, C]: the mean input embedding of each class's word, then of
+    "background" (the patch labels' extra last class)."""
+    def word(text: str) -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return embeddings[ids].float().mean(dim=0)
+
+    return {head: torch.stack([word(w) for w in (*words, BACKGROUND)]) for head, words in SLOT_WORDS.items()}
+
+
+def patch_slots(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[..., C]: per patch, the sum over the heads of the slot of its label (`labels[head]`: [...] class ids)."""
+    return sum(tables[head][labels[head]] for head in SLOT_WORDS)
+
+
+@torch.no_grad()
+def _features(tower: nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The tower's selected patch features of every image, [n, patches, mm_hidden] (bf16, as in training)."""
+    chunks = []
+    for start in tqdm(range(0, len(pixels), batch_size), desc="tower features", unit="batch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            chunks.append(tower(pixels[start:start + batch_size]).to(torch.bfloat16))
+    return torch.cat(chunks)
+
+
+def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps: int = 4000, lr: float = 3e-3,
+                    batch_size: int = 256, seed: int = 0, projector_type: str = "mlp2x_gelu") -> dict[str, Any]:
+    """Fit a fresh projector between `tower` (a CLIP folder) and the plain LLM `llm` to the slots of
+    `data_dir`'s training scenes (batches of `batch_size` images, every patch); save it in `out`. Returns
+    the loss history and, when `data_dir` has a val split, the held-out mean squared error and mean cosine
+    similarity of projected patches to their slots."""
+    began = time.perf_counter()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tokenizer, model, processor = load_base_llm(llm, str(tower), dtype=torch.float32, mm_projector_type=projector_type,
+                                                mm_vision_select_layer=-1, mm_vision_select_feature="patch")
+    vision, projector = model.model.vision_tower, model.model.mm_projector
+    tables = slot_tables(tokenizer, model.model.embed_tokens.weight.detach())
+    size, patch = vision.vision_tower.config.image_size, vision.vision_tower.config.patch_size
+    pixels, labels = load_split(data_dir, "train", processor, size, patch)
+    features = _features(vision, pixels)
+    last = [m for m in projector.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():  # start near the origin: the slots are sums of small embeddings
+        last.weight.mul_(0.05)
+        last.bias.zero_()
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[tuple[int, float]] = []
+    running, log_every = 0.0, max(1, steps // 40)
+    progress = tqdm(range(1, steps + 1), desc="projector alignment", unit="step")
+    for step in progress:
+        batch = torch.randint(len(features), (min(batch_size, len(features)),), generator=generator)
+        target = patch_slots({head: labels[head][batch] for head in SLOT_WORDS}, tables)
+        loss = nn.functional.mse_loss(projector(features[batch].float()), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        running += loss.item()
+        if step % log_every == 0 or step == steps:
+            history.append((step, running / (step - (history[-1][0] if history else 0))))
+            running = 0.0
+            progress.set_postfix(loss=f"{history[-1][1]:.2e}")
+    result: dict[str, Any] = {"steps": steps, "loss_history": history, "train_images": len(pixels)}
+    if (data_dir / "val" / "scenes.jsonl").is_file():
+        val_pixels, val_labels = load_split(data_dir, "val", processor, size, patch)
+        with torch.no_grad():
+            predicted = projector(_features(vision, val_pixels).float())
+        target = patch_slots(val_labels, tables)
+        result["val"] = {"mse": nn.functional.mse_loss(predicted, target).item(),
+                         "cosine": nn.functional.cosine_similarity(predicted, target, dim=-1).mean().item()}
+    _save(model, out)
+    result["seconds"] = round(time.perf_counter() - began, 1)
+    return result
+
+
+def _save(model: nn.Module, out: Path) -> None:
+    """What LLaVA's stage 1 writes: config.json and mm_projector.bin (`model.mm_projector.*` only)."""
+    config = model.config
+    config.image_aspect_ratio = "pad"
+    config.mm_use_im_start_end = config.mm_use_im_patch_token = False
+    config.tune_mm_mlp_adapter = True
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(model, out, sparse=False)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("model.mm_projector.")}
+    torch.save(state, out / "mm_projector.bin")
