@@ -36,9 +36,10 @@ def test_every_stage_output_exists_and_loads(chain: Path) -> None:
     tower = safe_open(chain / "stage0" / "model.safetensors", "pt")
     name = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(start_tower.get_tensor(name), tower.get_tensor(name))
-    # stage 1: the projector over the start LLM
+    # stage 1: the aligned projector over the start LLM, which stages 2 and 3 keep frozen
     _, aligned, _, _ = load_pretrained_model(chain / "stage1", model_base=chain / "start", sparse=False)
-    assert aligned.model.mm_projector is not None
+    projector = torch.load(chain / "stage1" / "mm_projector.bin", weights_only=True)
+    assert projector and all(torch.equal(aligned.state_dict()[k], v) for k, v in projector.items())
     # stage 2: a dense LLaVA over the frozen stage-0 tower
     _, dense, processor, _ = load_pretrained_model(chain / "stage2", sparse=False)
     assert Path(json.loads((chain / "stage2" / "config.json").read_text())["mm_vision_tower"]) == chain / "stage0"
@@ -46,10 +47,12 @@ def test_every_stage_output_exists_and_loads(chain: Path) -> None:
     assert torch.equal(loaded[name.removeprefix("vision_model.")].float(), tower.get_tensor(name).float())
     assert processor.crop_size["height"] == dense.model.vision_tower.vision_tower.config.image_size
     assert "sparse_config" not in json.loads((chain / "stage2" / "config.json").read_text())
+    assert all(torch.equal(dense.state_dict()[k], v) for k, v in projector.items())
     # stage 3: a Dynamic-LLaVA checkpoint with the paper's keep rates
     _, sparse, _, _ = load_pretrained_model(chain / "stage3")
     assert sparse.sparse.vision_keep_rate == 0.2 and sparse.sparse.output_text_keep_rate == 0.5
     assert any("image_score_predictor" in name for name, _ in sparse.named_parameters())
+    assert all(torch.equal(sparse.state_dict()[k], v) for k, v in projector.items())
 
 
 def test_summary_has_per_type_accuracies_and_stage_times(chain: Path) -> None:
@@ -61,6 +64,7 @@ def test_summary_has_per_type_accuracies_and_stage_times(chain: Path) -> None:
         assert 0.0 <= summary[model]["overall"]["accuracy"] <= 1.0
     assert set(summary["majority_baseline_test"]) == {*SHORT_ANSWER_TYPES, "overall"}
     assert summary["tower_pretraining_val"]["colour_accuracy_object_patches"] >= 0.0
+    assert -1.0 <= summary["projector_alignment_val"]["cosine"] <= 1.0
     assert {"data", "start", "stage0", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse"} <= set(summary["timings"])
 
 

@@ -1,0 +1,58 @@
+"""Stage 1 of the demo chain: the word-embedding slot of each patch, and a short alignment run that fits the
+projector to the slots and saves it as LLaVA's stage 1 does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynamic_llava.data.scenes import Scene, SceneObject
+from dynamic_llava.data.synth import SynthConfig, write_dataset
+from dynamic_llava.demo.projector_align import align_projector, patch_slots, slot_tables
+from dynamic_llava.demo.tower_pretrain import patch_labels
+from dynamic_llava.model.convert import open_tokenizer
+from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
+from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("align")
+    write_dataset(SynthConfig(seed=0, image_size=56, n_train=16, n_val=4, n_test=1), root / "data")
+    make_tiny_checkpoint(root / "llm", fmt="llm", seed=0)
+    write_tiny_clip_tower(root / "tower", seed=0, image_size=56, patch_size=14, hidden_size=32, num_layers=2,
+                          num_heads=4, intermediate_size=64)
+    return root
+
+
+def test_a_patch_slot_sums_the_embeddings_of_its_object_words(parts: Path) -> None:
+    tokenizer = open_tokenizer(parts / "llm")
+    embeddings = load_file(parts / "llm" / "model.safetensors")["model.embed_tokens.weight"]
+
+    def word(text: str) -> torch.Tensor:
+        return embeddings[tokenizer(text, add_special_tokens=False).input_ids].mean(dim=0)
+
+    # A large green square in the centre cell of a 112-px image, 8 x 8 patches of 14 px
+    scene = Scene("train_000000", 0, (SceneObject("square", "green", "large", 1, 1, 0.5, 0.5),))
+    slots = patch_slots(patch_labels(scene, 112, 14), slot_tables(tokenizer, embeddings)).view(8, 8, -1)
+    expected = word("green") + word("square") + word("large") + word("middle") + word("center")
+    assert torch.allclose(slots[3, 3], expected, atol=1e-6) and torch.allclose(slots[4, 4], expected, atol=1e-6)
+    assert torch.allclose(slots[0, 0], 5 * word("background"), atol=1e-6)
+    assert not torch.allclose(slots[3, 3], slots[0, 0])
+
+
+def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stage1"
+    result = align_projector(parts / "data", parts / "llm", parts / "tower", out, steps=80, lr=3e-3, batch_size=8)
+    losses = [loss for _, loss in result["loss_history"]]
+    assert losses[-1] < 0.5 * losses[0]
+    assert 0.0 < result["val"]["cosine"] <= 1.0 and result["val"]["mse"] > 0.0
+    saved = torch.load(out / "mm_projector.bin", weights_only=True)
+    assert set(saved) == {f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    _, model, _, _ = load_pretrained_model(out, model_base=parts / "llm", sparse=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert model.config.mm_vision_select_layer == -1 and model.config.image_aspect_ratio == "pad"
