@@ -58,7 +58,7 @@ def _features(tower: nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> t
     return torch.cat(chunks)
 
 
-def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps: int = 4000, lr: float = 3e-3,
+def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps: int = 4000, lr: float = 1e-3,
                     batch_size: int = 256, seed: int = 0, projector_type: str = "mlp2x_gelu") -> dict[str, Any]:
     """Fit a fresh projector between `tower` (a CLIP folder) and the plain LLM `llm` to the slots of
     `data_dir`'s training scenes (batches of `batch_size` images, every patch); save it in `out`. Returns
