@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.scenes import COLOURS, SHAPES, SIZES
 from ..model.loading import load_base_llm
 from ..train.trainer import write_config
+from .loss_history import LossHistory
 from .tower_pretrain import load_split
 
 ROW_WORDS, COL_WORDS = ("top", "middle", "bottom"), ("left", "center", "right")
@@ -81,9 +82,8 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
-    history: list[tuple[int, float]] = []
-    running, log_every = 0.0, max(1, steps // 40)
     progress = tqdm(range(1, steps + 1), desc="projector alignment", unit="step")
+    history = LossHistory(progress, steps, every=max(1, steps // 40), fmt=".2e")
     for step in progress:
         batch = torch.randint(len(features), (min(batch_size, len(features)),), generator=generator)
         target = patch_slots({head: labels[head][batch] for head in SLOT_WORDS}, tables)
@@ -92,12 +92,8 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
         loss.backward()
         optimizer.step()
         schedule.step()
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            history.append((step, running / (step - (history[-1][0] if history else 0))))
-            running = 0.0
-            progress.set_postfix(loss=f"{history[-1][1]:.2e}")
-    result: dict[str, Any] = {"steps": steps, "loss_history": history, "train_images": len(pixels)}
+        history.add(step, loss.item())
+    result: dict[str, Any] = {"steps": steps, "loss_history": history.rows, "train_images": len(pixels)}
     if (data_dir / "val" / "scenes.jsonl").is_file():
         val_pixels, val_labels = load_split(data_dir, "val", processor, size, patch)
         with torch.no_grad():

@@ -36,6 +36,7 @@ from ..data.render import _draw_object
 from ..data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, scene_from_dict
 from ..mm_utils import process_images
 from ..model.convert import load_clip, load_image_processor
+from .loss_history import LossHistory
 
 # Per-patch heads; a patch no object covers enough of gets the extra last class of each
 HEADS = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "row": tuple(range(GRID)), "col": tuple(range(GRID))}
@@ -199,9 +200,8 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)
                                                  * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     generator = torch.Generator().manual_seed(seed)
-    history: list[tuple[int, float]] = []
-    running = 0.0
     progress = tqdm(range(1, steps + 1), desc="tower pre-training", unit="step")
+    history = LossHistory(progress, steps, every=log_every, fmt=".3f")
     for step in progress:
         batch = torch.randint(len(pixels), (batch_size,), generator=generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -213,13 +213,9 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            history.append((step, running / (step - (history[-1][0] if history else 0))))
-            running = 0.0
-            progress.set_postfix(loss=f"{history[-1][1]:.3f}")
+        history.add(step, loss.item())
     _save_tower(tower, tower_dir, out_dir)
-    result: dict[str, Any] = {"steps": steps, "loss_history": history, "train_images": len(pixels)}
+    result: dict[str, Any] = {"steps": steps, "loss_history": history.rows, "train_images": len(pixels)}
     if (data_dir / "val" / "scenes.jsonl").is_file():
         val_pixels, val_labels = load_split(data_dir, "val", processor, config.image_size, config.patch_size)
         result["val"] = _evaluate(tower, heads, val_pixels, val_labels, select_layer, batch_size)
