@@ -50,10 +50,10 @@ class Recipe:
     llm_layers: int = 4
     llm_heads: int = 4
     batch_size: int = 16
-    tower_steps: int = 2000  # this and align_steps were 3000 / 4000: the chain took 69 min (docs/RESULTS.md)
+    tower_steps: int = 3000
     tower_lr: float = 3e-3
     tower_batch_size: int = 32
-    align_steps: int = 1000
+    align_steps: int = 4000
     align_lr: float = 1e-3  # at 3e-3 the fit spikes at the one-cycle peak and settles at cosine 0.91, not 0.996
     align_batch_size: int = 256  # images, all their patches
     stage2_epochs: float = 3.0
