@@ -84,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
             break
         if not args.json and delta:
             print(delta, end="", flush=True)
-    if args.json:
-        print(json.dumps(_summary(result, model, conv_mode)))
-    else:
+    if not args.json:
         print(flush=True)  # end the streamed answer's line before the mask note on stderr
     if args.save_mask:
         _save_masks(args.save_mask, request.images, result, model.config.image_aspect_ratio, image_processor)
+    if args.json:
+        print(json.dumps(_summary(result, model, conv_mode)))
     return 0
 
 
