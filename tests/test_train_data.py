@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from dynamic_llava.train.sampler import (
     ModalityLengthGroupedSampler,
     modality_grouped_indices,
 )
+from dynamic_llava.train.trainer import DynamicLlavaTrainer
 
 QUESTIONS = ["What is in the picture?", "How many cats are there?", "Why is the sky blue?"]
 ANSWERS = ["A red cat sits on the table.", "There are 3 cats, and 12 dogs!", "Because of (Rayleigh) scattering."]
@@ -347,6 +349,37 @@ def test_modality_sampler_is_a_deterministic_grouped_permutation():
     tail = [lengths[i] > 0 for i in first[n_full:]]
     assert tail == sorted(tail, reverse=True)  # leftover image samples, then leftover text-only ones
     assert sorted(ModalityLengthGroupedSampler(3, 1, lengths)) == list(range(len(lengths)))  # no generator
+
+
+def test_group_by_length_sorts_megabatches_from_the_dataset_lengths():
+    """`--train_sampling_strategy group_by_length` takes the dataset's lengths (transformers would load
+    every sample to measure it) and cuts padding against a random order."""
+    g = torch.Generator().manual_seed(7)
+    lengths = [int(n) * (1 if img else -1) for n, img in
+               zip(torch.randint(1, 1000, (400,), generator=g), torch.rand(400, generator=g) < 0.7)]
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(lengths)
+
+        def __getitem__(self, index: int) -> None:
+            raise AssertionError("the sampler must not load samples")
+
+    def padding(order: list[int], batch_size: int = 4) -> int:
+        batches = [[abs(lengths[i]) for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    def sampler(strategy: str, seed: int = 0) -> torch.utils.data.Sampler:
+        args = SimpleNamespace(group_by_modality_length=False, train_sampling_strategy=strategy, seed=seed,
+                               train_batch_size=4, gradient_accumulation_steps=1)
+        return DynamicLlavaTrainer._get_train_sampler(SimpleNamespace(args=args, modality_lengths=lengths),
+                                                      Unreadable())
+
+    grouped = list(sampler("group_by_length"))
+    assert sorted(grouped) == list(range(len(lengths)))
+    assert grouped == list(sampler("group_by_length")) and grouped != list(sampler("group_by_length", seed=1))
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding(grouped) < padding(shuffled) / 10
 
 
 def test_modality_sampler_balances_ranks_and_rejects_zero_length():
