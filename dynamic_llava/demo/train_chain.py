@@ -126,9 +126,7 @@ def _common_flags(recipe: Recipe, data: Path, out: Path, seed: int) -> list[str]
             "--model_max_length", "1024", "--per_device_train_batch_size", str(recipe.batch_size),
             "--weight_decay", "0.0", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
             "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
-            "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.bf16),
-            # A random batch of this data is ~45 % padding (descriptions beside one-line answers)
-            "--train_sampling_strategy", "group_by_length"]
+            "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.bf16)]
 
 
 def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int) -> dict[str, Any]:
