@@ -69,18 +69,16 @@ class DynamicLlavaTrainer(Trainer):
 
     # ----------------------------------------------------------------- data order
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
-        if self.args.group_by_modality_length and self.modality_lengths is not None:
-            generator = torch.Generator().manual_seed(self.args.seed)
-            return ModalityLengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.world_size,
-                self.modality_lengths, generator=generator)
-        if self.args.train_sampling_strategy == "group_by_length" and self.modality_lengths is not None:
-            # Without lengths, transformers would load every sample (its images too) to measure it.
-            # Megabatches of 50 batches sorted by length: on the demo chain's data this removes most
-            # of the padding (a random batch is ~45 % padding) and shortens a stage-2 step by ~30 %.
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=[abs(n) for n in self.modality_lengths],
-                                        generator=torch.Generator().manual_seed(self.args.seed))
+        lengths = self.modality_lengths
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        generator = torch.Generator().manual_seed(self.args.seed)
+        if self.args.group_by_modality_length:
+            return ModalityLengthGroupedSampler(batch_size, self.args.world_size, lengths, generator=generator)
+        if self.args.train_sampling_strategy == "group_by_length":
+            # Given no lengths, transformers would load every sample (its images too) to measure it
+            return LengthGroupedSampler(batch_size, lengths=[abs(n) for n in lengths], generator=generator)
         return super()._get_train_sampler(train_dataset)
 
     # ----------------------------------------------------------------- optimiser
