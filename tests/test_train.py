@@ -153,6 +153,31 @@ def test_unfrozen_vision_tower_trains_and_travels_with_the_checkpoint(work: Path
                  *_common(work, tmp_path / "x"), "--unfreeze_mm_vision_tower", "True", "--lora_enable", "True"]) == 2
 
 
+def test_sorted_accumulated_micro_batches_take_the_big_batch_step(work: Path, tmp_path: Path) -> None:
+    """One SGD step over 8 samples of different answer lengths: as one batch, or as 4 length-sorted
+    micro-batches of 2 (each normalised by the step's target count, not its own) gives the same weights."""
+    records = [{"id": str(i), "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the square?"},
+        {"from": "gpt", "value": " ".join(["the square is red"] * (1 + i % 5))}]} for i in range(8)]
+    (tmp_path / "varied.json").write_text(json.dumps(records))
+
+    def one_step(out: Path, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+        args = ["--model_name_or_path", str(work / "llava"), "--version", "v1", *_common(work, out),
+                "--data_path", str(tmp_path / "varied.json"), "--per_device_train_batch_size", str(batch),
+                "--gradient_accumulation_steps", str(accumulation), "--sort_micro_batches_by_length", "True",
+                "--optim", "sgd", "--learning_rate", "0.5", "--warmup_ratio", "0", "--lr_scheduler_type",
+                "constant", "--max_steps", "1", "--max_grad_norm", "0"]
+        train(args)
+        return load_file(out / "model.safetensors")
+
+    whole, accumulated = one_step(tmp_path / "whole", 8, 1), one_step(tmp_path / "micro", 2, 4)
+    start = load_file(work / "llava" / "model.safetensors")
+    moved = [k for k in whole if not torch.equal(whole[k], start[k])]
+    assert "lm_head.weight" in moved
+    for key in moved:
+        torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_from_checkpoint_continues_exactly(work: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = lambda out: _sparse_args(work, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")  # noqa: E731

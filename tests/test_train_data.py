@@ -370,7 +370,8 @@ def test_group_by_length_sorts_megabatches_from_the_dataset_lengths():
         return sum(max(b) * len(b) - sum(b) for b in batches)
 
     def sampler(strategy: str, seed: int = 0) -> torch.utils.data.Sampler:
-        args = SimpleNamespace(group_by_modality_length=False, train_sampling_strategy=strategy, seed=seed,
+        args = SimpleNamespace(group_by_modality_length=False, sort_micro_batches_by_length=False,
+                               train_sampling_strategy=strategy, seed=seed,
                                train_batch_size=4, gradient_accumulation_steps=1)
         return DynamicLlavaTrainer._get_train_sampler(SimpleNamespace(args=args, modality_lengths=lengths),
                                                       Unreadable())
@@ -380,6 +381,34 @@ def test_group_by_length_sorts_megabatches_from_the_dataset_lengths():
     assert grouped == list(sampler("group_by_length")) and grouped != list(sampler("group_by_length", seed=1))
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
     assert padding(grouped) < padding(shuffled) / 10
+
+
+def test_sorted_micro_batches_keep_random_steps_and_pad_less():
+    """`--sort_micro_batches_by_length`: each optimiser step (micro-batch x accumulation) is a random draw
+    of samples, longest first; its micro-batches pad less than in a random order."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [int(n) for n in torch.randint(1, 1000, (400,), generator=g)]
+
+    def order(seed: int = 0) -> list[int]:
+        args = SimpleNamespace(group_by_modality_length=False, sort_micro_batches_by_length=True, seed=seed,
+                               train_batch_size=2, gradient_accumulation_steps=4, world_size=1)
+        return list(DynamicLlavaTrainer._get_train_sampler(SimpleNamespace(args=args, modality_lengths=lengths)))
+
+    def padding(indices: list[int]) -> int:
+        batches = [[lengths[i] for i in indices[k:k + 2]] for k in range(0, len(indices), 2)]
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    first = order()
+    assert sorted(first) == list(range(len(lengths)))
+    assert first == order() and first != order(seed=1)
+    assert first[0] == max(range(len(lengths)), key=lengths.__getitem__)  # the longest step comes first
+    steps = [first[k:k + 8] for k in range(0, len(first), 8)]
+    unsorted = [step for step in steps if [lengths[i] for i in step] != sorted((lengths[i] for i in step), reverse=True)]
+    assert len(unsorted) <= 1  # only the step that gave its longest sample to the first one
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    # same steps as the shuffle they come from (bar the one swapped sample): only the order inside changes
+    assert sum(set(a) != set(shuffled[k:k + 8]) for k, a in zip(range(0, 400, 8), steps)) <= 2
+    assert padding(first) < padding(shuffled) / 2
 
 
 def test_modality_sampler_balances_ranks_and_rejects_zero_length():

@@ -49,7 +49,10 @@ class Recipe:
     llm_hidden: int = 256
     llm_layers: int = 4
     llm_heads: int = 4
-    batch_size: int = 16
+    batch_size: int = 16  # samples per optimiser step of stages 2 and 3
+    # Each step's samples are drawn at random and run as this many length-sorted micro-batches (gradient
+    # accumulation): on this data a random batch is ~45 % padding, and the step's gradient does not change
+    micro_batches: int = 4
     tower_steps: int = 3000
     tower_lr: float = 3e-3
     tower_batch_size: int = 32
@@ -82,6 +85,7 @@ class Recipe:
 # and still gives stage 3 (150 steps) ~600 descriptions; half ask every question in one turn.
 FULL = Recipe(n_train=16000, n_test=200, stage2_epochs=1.0, describe_share=0.25, stage3_epochs=0.15)
 QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, tower_layers=2, llm_hidden=64, llm_layers=3, batch_size=8,
+               micro_batches=2,
                tower_steps=20, tower_batch_size=8, align_steps=20, align_batch_size=8, stage2_epochs=1.0,
                stage3_epochs=1.0,
                eval_batch_size=36)
@@ -123,7 +127,8 @@ def _common_flags(recipe: Recipe, data: Path, out: Path, seed: int) -> list[str]
             # -1, not LLaVA's -2: the tower trains from scratch, so its last layer is as good as any
             "--mm_vision_select_layer", "-1", "--image_aspect_ratio", "pad",
             "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
-            "--model_max_length", "1024", "--per_device_train_batch_size", str(recipe.batch_size),
+            "--model_max_length", "1024", "--per_device_train_batch_size", str(recipe.batch_size // recipe.micro_batches),
+            "--gradient_accumulation_steps", str(recipe.micro_batches), "--sort_micro_batches_by_length", "True",
             "--weight_decay", "0.0", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
             "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
             "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.bf16)]

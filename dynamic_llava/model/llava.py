@@ -67,6 +67,7 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
+    accepts_loss_kwargs = True  # Trainer counts a step's targets across accumulated batches (num_items_in_batch)
 
     def __init__(self, config: DynamicLlavaConfig) -> None:
         super().__init__(config)
@@ -284,13 +285,18 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
     # ----------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                images: Sequence[torch.Tensor | None] | torch.Tensor | None = None) -> TrainingOutput:
+                images: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None) -> TrainingOutput:
         """Training forward (what `Trainer` calls): right-padded `input_ids` [B, T] with IMAGE_TOKEN_INDEX
         placeholders, `labels` aligned with them, per-sample `images` -> loss.
 
         Dense LLaVA training by default; with `sparsity_training` set, Dynamic-LLaVA's masked view
         (SPEC 2.3): sampled keep decisions at sparse_layer, masked softmax in the later layers, and
         loss = LM loss + mask_loss_weight x keep-rate regulariser.
+
+        `num_items_in_batch`: the target count of a whole optimiser step when it accumulates several
+        batches. The LM loss is then this batch's summed loss over it, and the regulariser is weighted by
+        this batch's share of the step's targets, so the step's losses add up to one big batch's.
         """
         ids, label_rows = _unpad(input_ids, labels, attention_mask)
         batch = self.embed(ids, _per_sample_images(images, ids))
@@ -311,11 +317,15 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         targets = expanded[:, 1:].masked_fill(~batch.valid[:, 1:], IGNORE_INDEX)
         n_targets = (targets != IGNORE_INDEX).sum()
         # Summed then divided: a batch whose answers were all truncated away gives 0, not NaN.
-        lm_loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum") / n_targets.clamp(min=1)
+        summed = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+        lm_loss = summed / n_targets.clamp(min=1)  # this batch's mean, also what is logged
+        step_share = 1.0
+        if num_items_in_batch is not None:
+            step_share = n_targets / torch.as_tensor(num_items_in_batch, device=summed.device).clamp(min=1)
         if decisions is None:
-            return TrainingOutput(loss=lm_loss, logits=logits, lm_loss=lm_loss.detach())
-        loss = lm_loss + sparse.mask_loss_weight * decisions.mask_loss
+            return TrainingOutput(loss=lm_loss * step_share, logits=logits, lm_loss=lm_loss.detach())
+        loss = (lm_loss + sparse.mask_loss_weight * decisions.mask_loss) * step_share
         return TrainingOutput(loss=loss, logits=logits, lm_loss=lm_loss.detach(), **decisions.stats)
 
     def _train_layers(self, batch: TokenBatch, start: int, stop: int, keep: torch.Tensor | None,

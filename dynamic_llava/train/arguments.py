@@ -69,6 +69,10 @@ class TrainingArguments(transformers.TrainingArguments):
                                                                        "predictors (default: learning_rate)"})
     predictor_weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the predictors"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality each"})
+    sort_micro_batches_by_length: bool = field(default=False, metadata={
+        "help": "with --gradient_accumulation_steps N: each optimiser step still draws its samples at random, "
+                "ordered by length so that each of its N batches pads only to its own longest (same gradient, "
+                "less padding)"})
     lora_enable: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM (peft)"})
     lora_r: int = field(default=64)
     lora_alpha: int = field(default=16)

@@ -1,4 +1,5 @@
-"""LLaVA's `group_by_modality_length` order: batches of one modality, similar lengths together.
+"""Sample orders: LLaVA's `group_by_modality_length` (batches of one modality, similar lengths together),
+and random optimiser steps whose accumulated batches are sorted by length (`StepSortedSampler`).
 
 Samples with an image and text-only samples are shuffled separately and cut into megabatches of
 `batch_size * world_size` (one optimiser step over all ranks), so a step never mixes modalities
@@ -12,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
 def modality_grouped_indices(lengths: Sequence[int], batch_size: int, world_size: int,
@@ -78,3 +80,28 @@ class ModalityLengthGroupedSampler(Sampler[int]):
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             generator = torch.Generator().manual_seed(seed)
         yield from modality_grouped_indices(self.lengths, self.batch_size, self.world_size, generator)
+
+
+class StepSortedSampler(Sampler[int]):
+    """Random optimiser steps of `step_size` samples (micro-batch x accumulation steps x ranks), each
+    sorted longest first: which samples share a step is as random as plain shuffling, so the step's
+    gradient is too, but each accumulated micro-batch pads only to its own longest sample.
+
+    transformers' length-grouped order with one step per megabatch (which also moves the longest sample
+    of the epoch to the first step, so running out of memory shows at once). A new order every epoch;
+    the same generator seed gives the same sequence of epochs.
+    """
+
+    def __init__(self, lengths: Sequence[int], step_size: int, generator: torch.Generator) -> None:
+        if step_size < 1:
+            raise ValueError(f"step_size must be positive, got {step_size}")
+        self.lengths = list(lengths)
+        self.step_size = step_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from get_length_grouped_indices(self.lengths, self.step_size, mega_batch_mult=1,
+                                              generator=self.generator)

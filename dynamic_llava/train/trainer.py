@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from ..model.convert import CLIPImageProcessor, is_predictor_key, save_clip_tower, save_state_dict, save_tokenizer
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.sparsity_training import gumbel_tau
-from .sampler import ModalityLengthGroupedSampler
+from .sampler import ModalityLengthGroupedSampler, StepSortedSampler
 
 _STATS = ("lm_loss", "vision_mask_loss", "output_mask_loss", "vision_keep", "output_keep")
 _VISION_TOWER = "model.vision_tower."
@@ -76,6 +76,8 @@ class DynamicLlavaTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         if self.args.group_by_modality_length:
             return ModalityLengthGroupedSampler(batch_size, self.args.world_size, lengths, generator=generator)
+        if self.args.sort_micro_batches_by_length:
+            return StepSortedSampler([abs(n) for n in lengths], batch_size * self.args.world_size, generator)
         if self.args.train_sampling_strategy == "group_by_length":
             # Given no lengths, transformers would load every sample (its images too) to measure it
             return LengthGroupedSampler(batch_size, lengths=[abs(n) for n in lengths], generator=generator)
@@ -115,7 +117,14 @@ class DynamicLlavaTrainer(Trainer):
     # ----------------------------------------------------------------- loss and logging
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        accumulating = model.training and self.args.gradient_accumulation_steps > 1
+        if accumulating and num_items_in_batch is not None:
+            # the whole step's target count, so that the step's batches add up to one batch's mean loss
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs)
+        if accumulating and num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # the count is over all ranks, whose gradients DDP averages
+            outputs["loss"] = outputs["loss"] * self.accelerator.num_processes
         if model.training:
             for key in _STATS:
                 value = outputs.get(key)
