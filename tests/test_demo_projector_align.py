@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from dynamic_llava.data.scenes import Scene, SceneObject
 from dynamic_llava.data.synth import SynthConfig, write_dataset
+from dynamic_llava.demo import tower_pretrain
 from dynamic_llava.demo.projector_align import align_projector, patch_slots, slot_tables
 from dynamic_llava.demo.tower_pretrain import patch_labels
-from dynamic_llava.model.convert import open_tokenizer
+from dynamic_llava.model.convert import load_image_processor, open_tokenizer
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
 from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower
@@ -56,3 +57,19 @@ def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_pat
     _, model, _, _ = load_pretrained_model(out, model_base=parts / "llm", sparse=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert model.config.mm_vision_select_layer == -1 and model.config.image_aspect_ratio == "pad"
+
+
+def test_stages_0_and_1_share_one_load_of_the_images(parts: Path, tmp_path: Path, monkeypatch) -> None:
+    """The chain loads each split once for both stages, and stage 1 fits the same projector either way."""
+    loads: list[str] = []
+    real = tower_pretrain.load_split
+    monkeypatch.setattr(tower_pretrain, "load_split", lambda *args: loads.append(args[1]) or real(*args))
+    splits = tower_pretrain.SceneSplits(parts / "data", load_image_processor(parts / "tower"), 56, 14)
+    tower_pretrain.pretrain_tower(parts / "data", parts / "tower", tmp_path / "stage0", steps=4, batch_size=4,
+                                  warmup_steps=1, splits=splits)
+    shared = align_projector(parts / "data", parts / "llm", tmp_path / "stage0", tmp_path / "a", steps=10,
+                             batch_size=8, splits=splits)
+    assert loads == ["train", "val"]
+    alone = align_projector(parts / "data", parts / "llm", tmp_path / "stage0", tmp_path / "b", steps=10, batch_size=8)
+    assert loads == ["train", "val", "train", "val"]
+    assert alone["val"] == shared["val"]

@@ -265,6 +265,15 @@ def test_missing_inputs_fail_fast_with_one_message(work: Path, tmp_path: Path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_two_sample_orders_at_once_are_refused(work: Path, tmp_path: Path, capsys) -> None:
+    args = _sparse_args(work, tmp_path / "out", "--max_steps", "1", "--group_by_modality_length", "True",
+                        "--sort_micro_batches_by_length", "True")
+    assert main(args, sparse=True) == 2
+    err = capsys.readouterr().err
+    assert "choose one" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 _LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                  "127.0.0.1", "--master_port", "29531", "-m"],

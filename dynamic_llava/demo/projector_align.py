@@ -26,7 +26,7 @@ from ..data.scenes import COLOURS, SHAPES, SIZES
 from ..model.loading import load_base_llm
 from ..train.trainer import write_config
 from .loss_history import LossHistory
-from .tower_pretrain import load_split
+from .tower_pretrain import SceneSplits
 
 ROW_WORDS, COL_WORDS = ("top", "middle", "bottom"), ("left", "center", "right")
 # The words of `tower_pretrain.HEADS` classes, in the same order
@@ -60,11 +60,13 @@ def _features(tower: nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> t
 
 
 def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps: int = 4000, lr: float = 1e-3,
-                    batch_size: int = 256, seed: int = 0, projector_type: str = "mlp2x_gelu") -> dict[str, Any]:
+                    batch_size: int = 256, seed: int = 0, projector_type: str = "mlp2x_gelu",
+                    splits: SceneSplits | None = None) -> dict[str, Any]:
     """Fit a fresh projector between `tower` (a CLIP folder) and the plain LLM `llm` to the slots of
     `data_dir`'s training scenes (batches of `batch_size` images, every patch); save it in `out`. Returns
     the loss history and, when `data_dir` has a val split, the held-out mean squared error and mean cosine
-    similarity of projected patches to their slots."""
+    similarity of projected patches to their slots. `splits`: `data_dir`'s images already loaded (with
+    the tower's image processor; by default they are loaded here)."""
     began = time.perf_counter()
     random.seed(seed)
     torch.manual_seed(seed)
@@ -73,7 +75,8 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     vision, projector = model.model.vision_tower, model.model.mm_projector
     tables = slot_tables(tokenizer, model.model.embed_tokens.weight.detach())
     size, patch = vision.vision_tower.config.image_size, vision.vision_tower.config.patch_size
-    pixels, labels = load_split(data_dir, "train", processor, size, patch)
+    splits = splits or SceneSplits(data_dir, processor, size, patch)
+    pixels, labels = splits["train"]
     features = _features(vision, pixels)
     # Every image's slots up front ([n, patches, C], ~1 GB for the chain's 16000 images): a step is then one
     # gather, and with the MLP in bf16 (fp32 weights) a step takes ~1/3 of the time
@@ -98,8 +101,8 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
         schedule.step()
         history.add(step, loss.item())
     result: dict[str, Any] = {"steps": steps, "loss_history": history.rows, "train_images": len(pixels)}
-    if (data_dir / "val" / "scenes.jsonl").is_file():
-        val_pixels, val_labels = load_split(data_dir, "val", processor, size, patch)
+    if splits.has("val"):
+        val_pixels, val_labels = splits["val"]
         with torch.no_grad():
             predicted = projector(_features(vision, val_pixels).float())
         target = patch_slots(val_labels, tables)

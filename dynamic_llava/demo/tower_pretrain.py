@@ -119,6 +119,25 @@ def load_split(data_dir: Path, split: str, processor: Any, image_size: int, patc
     return torch.cat(pixels), {head: torch.stack(values) for head, values in labels.items()}
 
 
+class SceneSplits:
+    """The splits of a `data synth` folder as `load_split` gives them, each loaded on first use and kept:
+    the chain's stages 0 and 1 read the same 16000 images (about a minute each time). `processor` must
+    be the image processor of the towers the splits are fed to."""
+
+    def __init__(self, data_dir: Path, processor: Any, image_size: int, patch_size: int) -> None:
+        self.data_dir, self.processor = data_dir, processor
+        self.image_size, self.patch_size = image_size, patch_size
+        self._loaded: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+
+    def has(self, split: str) -> bool:
+        return (self.data_dir / split / "scenes.jsonl").is_file()
+
+    def __getitem__(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if split not in self._loaded:
+            self._loaded[split] = load_split(self.data_dir, split, self.processor, self.image_size, self.patch_size)
+        return self._loaded[split]
+
+
 def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over the heads of their mean cross-entropy (over patches, or over sub-heads)."""
     return sum(nn.functional.cross_entropy(logits[head].float().flatten(0, -2), labels[head].flatten())
@@ -168,23 +187,24 @@ def _save_tower(tower: nn.Module, tower_dir: Path, out_dir: Path) -> None:
 
 def pretrain_tower(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int = 800, lr: float = 1e-3,
                    batch_size: int = 32, seed: int = 0, select_layer: int = -1, warmup_steps: int = 50,
-                   log_every: int = 50, threads: int | None = 1) -> dict[str, Any]:
+                   log_every: int = 50, threads: int | None = 1, splits: SceneSplits | None = None) -> dict[str, Any]:
     """Train the CLIP tower in `tower_dir` on `data_dir`'s training scenes (a `data synth` folder); save it to
     `out_dir`. Returns the loss history (every `log_every` steps), held-out accuracy of the heads on the
     val split when there is one, and the wall time. `threads`: torch's intra-op threads meanwhile (None:
-    leave them), one by default because the demo shares a small CPU."""
+    leave them), one by default because the demo shares a small CPU. `splits`: `data_dir`'s images already
+    loaded (by default they are loaded here)."""
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _pretrain(data_dir, tower_dir, out_dir, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                         select_layer=select_layer, warmup_steps=warmup_steps, log_every=log_every)
+                         select_layer=select_layer, warmup_steps=warmup_steps, log_every=log_every, splits=splits)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr: float, batch_size: int, seed: int,
-              select_layer: int, warmup_steps: int, log_every: int) -> dict[str, Any]:
+              select_layer: int, warmup_steps: int, log_every: int, splits: SceneSplits | None) -> dict[str, Any]:
     began = time.perf_counter()
     random.seed(seed)
     np.random.seed(seed)
@@ -192,7 +212,8 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     tower = load_clip(tower_dir, dtype=torch.float32).train()
     config = tower.config
     processor = load_image_processor(tower_dir)
-    pixels, labels = load_split(data_dir, "train", processor, config.image_size, config.patch_size)
+    splits = splits or SceneSplits(data_dir, processor, config.image_size, config.patch_size)
+    pixels, labels = splits["train"]
     heads = _Heads(config.hidden_size)
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -216,8 +237,8 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
         history.add(step, loss.item())
     _save_tower(tower, tower_dir, out_dir)
     result: dict[str, Any] = {"steps": steps, "loss_history": history.rows, "train_images": len(pixels)}
-    if (data_dir / "val" / "scenes.jsonl").is_file():
-        val_pixels, val_labels = load_split(data_dir, "val", processor, config.image_size, config.patch_size)
+    if splits.has("val"):
+        val_pixels, val_labels = splits["val"]
         result["val"] = _evaluate(tower, heads, val_pixels, val_labels, select_layer, batch_size)
     result["seconds"] = round(time.perf_counter() - began, 1)
     return result

@@ -27,9 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .tower_pretrain import SceneSplits
 
 
 @dataclass(frozen=True)
@@ -134,24 +137,25 @@ def _common_flags(recipe: Recipe, data: Path, out: Path, seed: int) -> list[str]
             "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.bf16)]
 
 
-def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int) -> dict[str, Any]:
+def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int, splits: SceneSplits) -> dict[str, Any]:
     """The tower's pre-training on the training scenes; its loss history and held-out head accuracies are
     kept in out/pretrain_result.json."""
     from .tower_pretrain import pretrain_tower
 
     result = pretrain_tower(data, start / "vision_tower", out, steps=recipe.tower_steps, lr=recipe.tower_lr,
-                            batch_size=recipe.tower_batch_size, seed=seed, threads=None)
+                            batch_size=recipe.tower_batch_size, seed=seed, threads=None, splits=splits)
     (out / "pretrain_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
-def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed: int) -> dict[str, Any]:
+def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed: int,
+           splits: SceneSplits) -> dict[str, Any]:
     """Feature alignment: the projector alone, fitted to word-embedding slots (LLaVA's pre-training stage
     with a target the generator knows); its loss history and held-out fit are kept in out/align_result.json."""
     from .projector_align import align_projector
 
     result = align_projector(data, start, tower, out, steps=recipe.align_steps, lr=recipe.align_lr,
-                             batch_size=recipe.align_batch_size, seed=seed)
+                             batch_size=recipe.align_batch_size, seed=seed, splits=splits)
     (out / "align_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -248,6 +252,8 @@ def format_table(summary: dict[str, Any]) -> str:
 def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
     """Every stage into `out` (new or empty); returns the summary also written to out/summary.json."""
     from ..data.synth import SynthConfig, write_dataset
+    from ..model.convert import load_image_processor
+    from .tower_pretrain import SceneSplits
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty")
@@ -259,8 +265,11 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
                     describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share), data))
     tower = out / "stage0"
     _timed("start", timings, lambda: make_start_model(recipe, start, seed))
-    tower_result = _timed("stage0", timings, lambda: stage0(recipe, data, start, tower, seed))
-    align_result = _timed("stage1", timings, lambda: stage1(recipe, data, start, tower, out / "stage1", seed))
+    # stages 0 and 1 read the same images: loaded once (the start tower's processor is the one stage 0 saves)
+    splits = SceneSplits(data, load_image_processor(start / "vision_tower"), recipe.image_size, recipe.patch_size)
+    tower_result = _timed("stage0", timings, lambda: stage0(recipe, data, start, tower, seed, splits))
+    align_result = _timed("stage1", timings, lambda: stage1(recipe, data, start, tower, out / "stage1", seed, splits))
+    del splits  # ~1.2 GB of pixels stages 2 and 3 do not need
     _timed("stage2", timings, lambda: stage2(recipe, data, start, tower, out / "stage1" / "mm_projector.bin",
                                              out / "stage2", seed))
     _timed("stage3", timings, lambda: stage3(recipe, data, out / "stage2", tower, out / "stage3", seed))

@@ -102,6 +102,9 @@ class TrainingArguments(transformers.TrainingArguments):
             self.use_cpu = True
         if self.bits != 16:
             raise UserError("--bits 4/8 (bitsandbytes quantised training) is not supported; use --bits 16")
+        if self.sort_micro_batches_by_length and self.group_by_modality_length:
+            raise UserError("--sort_micro_batches_by_length and --group_by_modality_length each set the sample "
+                            "order; choose one")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise UserError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
         super().__post_init__()
