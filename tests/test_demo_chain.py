@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,28 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     for name in ("table.md", "accuracy_vs_flops.png", "kv_vs_output_length.png", "kept_patches.png"):
         assert (out / name).stat().st_size > 0, name
     assert "| majority answer |" in (out / "table.md").read_text()
+
+
+BENCH_MICRO_BATCHES = Path(__file__).resolve().parents[1] / "scripts" / "bench_micro_batches.py"
+
+
+def test_micro_batch_benchmark_times_each_setting_on_the_chain(chain: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    run = subprocess.run([sys.executable, str(BENCH_MICRO_BATCHES), "--chain", str(chain), "--out", str(out),
+                          "--steps", "2", "--micro-batches", "1", "4"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((out / "bench_micro_batches.json").read_text())["rows"]
+    assert [(r["micro_batches"], r["per_device_batch"]) for r in rows] == [(1, 16), (4, 4)]
+    assert rows[0]["ratio_to_first"] == 1.0 and all(r["seconds_per_step"] > 0 for r in rows)
+    for row in rows:  # each setting really trained its steps, with its own accumulation
+        state = json.loads((out / f"micro_batches_{row['micro_batches']}" / "trainer_state.json").read_text())
+        assert state["global_step"] == 2
+        args = torch.load(out / f"micro_batches_{row['micro_batches']}" / "training_args.bin", weights_only=False)
+        assert args.gradient_accumulation_steps == row["micro_batches"]
+
+
+def test_micro_batch_benchmark_refuses_a_folder_that_is_not_a_chain(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(BENCH_MICRO_BATCHES), "--chain", str(tmp_path), "--out",
+                          str(tmp_path / "bench")], capture_output=True, text=True)
+    assert run.returncode == 2 and "not a finished chain folder" in run.stderr
+    assert not (tmp_path / "bench").exists()

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,15 +160,17 @@ def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed
     return result
 
 
-def stage2(recipe: Recipe, data: Path, start: Path, tower: Path, projector: Path, out: Path, seed: int) -> None:
+def stage2(recipe: Recipe, data: Path, start: Path, tower: Path, projector: Path, out: Path, seed: int,
+           extra_flags: Sequence[str] = ()) -> None:
     """Instruction tuning of the LLM, the pre-trained tower and the aligned projector frozen (trained, the
-    projector drifts off its slots and the look-up is learnt later): the dense LLaVA."""
+    projector drifts off its slots and the look-up is learnt later): the dense LLaVA. `extra_flags` go to
+    the trainer last (a benchmark's `--max_steps`)."""
     from ..train.train import train
 
     train(["--model_name_or_path", str(start), "--vision_tower", str(tower),
            "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector), "--freeze_mm_mlp_adapter", "True",
            "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
-           "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr)])
+           "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr), *extra_flags])
 
 
 def sparse_start(recipe: Recipe, dense: Path, out: Path) -> Path:
