@@ -75,7 +75,8 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     vision, projector = model.model.vision_tower, model.model.mm_projector
     tables = slot_tables(tokenizer, model.model.embed_tokens.weight.detach())
     size, patch = vision.vision_tower.config.image_size, vision.vision_tower.config.patch_size
-    splits = splits or SceneSplits(data_dir, processor, size, patch)
+    if splits is None:
+        splits = SceneSplits(data_dir, processor, size, patch)
     pixels, labels = splits["train"]
     features = _features(vision, pixels)
     # Every image's slots up front ([n, patches, C], ~1 GB for the chain's 16000 images): a step is then one

@@ -211,8 +211,8 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     torch.manual_seed(seed)
     tower = load_clip(tower_dir, dtype=torch.float32).train()
     config = tower.config
-    processor = load_image_processor(tower_dir)
-    splits = splits or SceneSplits(data_dir, processor, config.image_size, config.patch_size)
+    if splits is None:
+        splits = SceneSplits(data_dir, load_image_processor(tower_dir), config.image_size, config.patch_size)
     pixels, labels = splits["train"]
     heads = _Heads(config.hidden_size)
     params = [*tower.parameters(), *heads.parameters()]
