@@ -465,3 +465,14 @@ def test_original_llava_class_structure_loads_the_tiny_checkpoint(tiny_llava_dir
         theirs = model.eval()(torch.tensor([ids])).logits[0]
         mine = ours.forward_full([ids]).logits[0]
     assert (mine - theirs).abs().max() / theirs.abs().max() < 1e-5
+
+
+def test_checkpoint_trained_with_the_instruction_predictor_warns(tmp_path: Path) -> None:
+    """The instruction predictor (the paper's ablation) is not run here: loading such a checkpoint says so."""
+    path = make_tiny_checkpoint(tmp_path / "instruct", seed=0, use_instruct_predictor=True)
+    with pytest.warns(UserWarning, match="instruction predictor"):
+        _, model, _, _ = load_pretrained_model(path)
+    assert model.sparse.use_instruct_predictor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dense load runs no predictor at all: nothing to warn about
+        load_pretrained_model(path, sparse=False)

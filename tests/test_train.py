@@ -178,6 +178,43 @@ def test_sorted_accumulated_micro_batches_take_the_big_batch_step(work: Path, tm
         torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6)
 
 
+def _noise_free_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """gumbel_keep without the noise: the same decisions for a sample in any batch."""
+    soft = torch.softmax(torch.log_softmax(logits.float(), dim=-1) / tau, dim=-1)
+    hard = torch.nn.functional.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+    return (hard - soft.detach() + soft)[..., 0]
+
+
+def test_sparse_accumulated_micro_batches_take_the_big_batch_step(work: Path, tmp_path: Path, monkeypatch) -> None:
+    """Sparsification training, one SGD step over 8 samples whose answers are short (no output decisions)
+    or long: as one batch or as 4 length-sorted micro-batches of 2, the LLM and both predictors move
+    alike. Each sample's keep-rate terms weigh 1/8 of the step, whatever its micro-batch's token count."""
+    from dynamic_llava.model import sparsity_training
+
+    monkeypatch.setattr(sparsity_training, "gumbel_keep", _noise_free_keep)
+    records = [{"id": str(i), "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the square?"},
+        {"from": "gpt", "value": " ".join(["the square is red"] * (1 + i % 5))}]} for i in range(8)]
+    (tmp_path / "varied.json").write_text(json.dumps(records))
+
+    def one_step(out: Path, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+        train(_sparse_args(work, out, "--data_path", str(tmp_path / "varied.json"),
+                           "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",
+                           str(accumulation), "--sort_micro_batches_by_length", "True", "--optim", "sgd",
+                           "--learning_rate", "0.1", "--predictor_lr", "0.1", "--max_steps", "1",
+                           "--max_grad_norm", "0"), sparse=True)
+        return load_file(out / "model.safetensors")
+
+    whole, accumulated = one_step(tmp_path / "whole", 8, 1), one_step(tmp_path / "micro", 2, 4)
+    start = load_file(work / "llava" / "model.safetensors")
+    moved = [k for k in whole if k not in start or not torch.equal(whole[k], start[k])]
+    assert "lm_head.weight" in moved
+    assert any("image_score_predictor" in k for k in moved)
+    assert any("output_text_score_predictor" in k for k in moved)
+    for key in moved:
+        torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_from_checkpoint_continues_exactly(work: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = lambda out: _sparse_args(work, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")  # noqa: E731
@@ -215,6 +252,13 @@ def test_the_seed_command_parses_with_its_meaning(work: Path, tmp_path: Path) ->
     assert sparse_args.vision_keep_rate == 0.2 and sparse_args.output_text_keep_rate == 0.5
     assert sparse_args.output_text_len_for_training == 50 and sparse_args.mask_loss_weight == 100.0
     assert data_args.requires_image and model_args.mm_projector_type == "mlp2x_gelu"
+
+
+def test_predictor_lr_defaults_to_the_reference_not_the_llm_lr(work: Path, tmp_path: Path) -> None:
+    """A hand-written run without --predictor_lr trains the predictors at the reference's 3e-4."""
+    _, _, training_args, _ = parse_args(["--model_name_or_path", str(work / "llava"), *_common(work, tmp_path / "o"),
+                                         "--learning_rate", "5e-6"])
+    assert training_args.predictor_lr == 3e-4 and training_args.learning_rate == 5e-6
 
 
 _FAKE_DEEPSPEED = """#!{python}

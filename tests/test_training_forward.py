@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.model.loading import load_pretrained_model
-from dynamic_llava.model.sparsity_training import SparsityTraining, gumbel_keep, gumbel_tau, last_answer_mask
+from dynamic_llava.model.sparsity_training import SparsityTraining, decide, gumbel_keep, gumbel_tau, last_answer_mask
 
 
 @pytest.fixture()
@@ -129,3 +129,31 @@ def test_last_answer_mask_picks_the_last_supervised_run() -> None:
     assert mask[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 0]
     assert not mask[1].any()
     assert mask[2].tolist() == [0] * 8 + [1]
+
+
+def test_keep_rate_regulariser_is_the_reference_formula(model, monkeypatch) -> None:
+    """Batch of 2: sample 0 has an image and a 6-token answer, sample 1 no image and a 3-token answer
+    (below output_text_len_for_training 4). Each term is summed over the samples that have it and divided
+    by B = 2, as the reference does: the short answer and the missing image count as 0, not as absent."""
+    from dynamic_llava.model import llava
+
+    decided = []
+
+    def recording_decide(*args, **kwargs):
+        decided.append(decide(*args, **kwargs))
+        return decided[-1]
+
+    monkeypatch.setattr(llava, "decide", recording_decide)
+    ids, labels, mask, images = _batch()
+    model.sparsity_training = SparsityTraining(tau=1.0)
+    torch.manual_seed(0)
+    out = model(ids, labels, mask, images)
+    keep = decided[0].keep.detach()
+    n_img = 576
+    image_fraction = keep[0, 2:2 + n_img].mean()  # sample 0: BOS, "5", then its image
+    answer_fraction = keep[0, 4 + n_img:10 + n_img].mean()  # its 6 answer tokens (labels 5: of the ids)
+    vision_term = (0.2 - image_fraction) ** 2 / 2
+    output_term = (0.5 - answer_fraction) ** 2 / 2
+    torch.testing.assert_close(out.vision_mask_loss, vision_term)
+    torch.testing.assert_close(out.output_mask_loss, output_term)
+    torch.testing.assert_close(out.loss.detach(), out.lm_loss + 100.0 * (vision_term + output_term))

@@ -286,7 +286,8 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 images: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
-                num_items_in_batch: torch.Tensor | int | None = None) -> TrainingOutput:
+                num_items_in_batch: torch.Tensor | int | None = None,
+                num_samples_in_step: torch.Tensor | int | None = None) -> TrainingOutput:
         """Training forward (what `Trainer` calls): right-padded `input_ids` [B, T] with IMAGE_TOKEN_INDEX
         placeholders, `labels` aligned with them, per-sample `images` -> loss.
 
@@ -294,9 +295,11 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         (SPEC 2.3): sampled keep decisions at sparse_layer, masked softmax in the later layers, and
         loss = LM loss + mask_loss_weight x keep-rate regulariser.
 
-        `num_items_in_batch`: the target count of a whole optimiser step when it accumulates several
-        batches. The LM loss is then this batch's summed loss over it, and the regulariser is weighted by
-        this batch's share of the step's targets, so the step's losses add up to one big batch's.
+        When an optimiser step accumulates several batches, `num_items_in_batch` is the step's target
+        count and `num_samples_in_step` its sample count: the LM loss is then this batch's summed loss
+        over the former and the regulariser its samples' summed terms over the latter, so the step's
+        losses add up to one big batch's (each sample's regulariser weighs 1/B of the step, whatever its
+        batch's token count). Without them both are this batch's means.
         """
         ids, label_rows = _unpad(input_ids, labels, attention_mask)
         batch = self.embed(ids, _per_sample_images(images, ids))
@@ -320,12 +323,13 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         summed = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
         lm_loss = summed / n_targets.clamp(min=1)  # this batch's mean, also what is logged
-        step_share = 1.0
-        if num_items_in_batch is not None:
-            step_share = n_targets / torch.as_tensor(num_items_in_batch, device=summed.device).clamp(min=1)
+        target_count = n_targets if num_items_in_batch is None else num_items_in_batch
+        loss = summed / torch.as_tensor(target_count, device=summed.device).clamp(min=1)
         if decisions is None:
-            return TrainingOutput(loss=lm_loss * step_share, logits=logits, lm_loss=lm_loss.detach())
-        loss = (lm_loss + sparse.mask_loss_weight * decisions.mask_loss) * step_share
+            return TrainingOutput(loss=loss, logits=logits, lm_loss=lm_loss.detach())
+        sample_count = len(ids) if num_samples_in_step is None else num_samples_in_step
+        regulariser = decisions.mask_loss_sum / torch.as_tensor(sample_count, device=summed.device).clamp(min=1)
+        loss = loss + sparse.mask_loss_weight * regulariser
         return TrainingOutput(loss=loss, logits=logits, lm_loss=lm_loss.detach(), **decisions.stats)
 
     def _train_layers(self, batch: TokenBatch, start: int, stop: int, keep: torch.Tensor | None,

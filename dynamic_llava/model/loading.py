@@ -163,6 +163,10 @@ def load_pretrained_model(
     tokenizer = load_tokenizer(base or path, config)
     if sparse is not None or sparse_overrides:
         model.set_sparse(sparse=sparse, **sparse_overrides)
+    if model.sparse.use_instruct_predictor:
+        warnings.warn(f"{path} was trained with the instruction predictor (sparse_config use_instruct_predictor: "
+                      "true, the paper's ablation), which this implementation does not run: every instruction "
+                      "token is kept, so answers can differ from the reference's", stacklevel=2)
     model.eval()
     context_len = getattr(config, "max_sequence_length", None) or config.max_position_embeddings or 2048
     return tokenizer, model, image_processor, int(context_len)

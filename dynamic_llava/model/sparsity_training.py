@@ -57,8 +57,12 @@ def last_answer_mask(labels: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TrainingDecisions:
     keep: torch.Tensor | None  # [B, T] 0/1 with straight-through gradient; None: nothing is decided
-    mask_loss: torch.Tensor  # unweighted regulariser: vision term + output-text term
-    stats: dict[str, torch.Tensor]  # detached scalars for logging
+    # Unweighted regulariser summed over the batch's samples: per sample, (vision_keep_rate - its kept
+    # image fraction)^2 + (output_text_keep_rate - its kept answer fraction)^2, a term being 0 for a sample
+    # without images / without an answer of output_text_len_for_training tokens. The caller divides by the
+    # number of samples the step averages over (the batch's, or the whole accumulated step's): SPEC 2.3.
+    mask_loss_sum: torch.Tensor
+    stats: dict[str, torch.Tensor]  # detached scalars for logging (regulariser terms as means over the batch)
 
 
 def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse: SparseConfig,
@@ -66,21 +70,22 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
            tau: float) -> TrainingDecisions:
     """Sample the keep decisions for the hidden states [B, T, C] entering sparse_layer."""
     keep = batch.valid.to(torch.float32)
+    n_samples = batch.lengths.shape[0]
     zero = hidden.new_zeros((), dtype=torch.float32)
-    mask_loss, stats, decided = zero, {}, False
+    mask_loss_sum, stats, decided = zero, {}, False
     is_image = batch.kinds == IMAGE
     if sparse.sparsify_vision and bool((is_image & batch.valid).any()):
         samples, slots = image_token_index(batch)
         image_keep = gumbel_keep(image_predictor(hidden[samples, slots]), tau)  # [n_images, N]
         keep = keep.index_put((samples, slots), image_keep)
         owner = samples[:, 0]
-        kept = zero.new_zeros(batch.lengths.shape).index_add(0, owner, image_keep.sum(1))
-        total = zero.new_zeros(batch.lengths.shape).index_add(0, owner, image_keep.new_full(owner.shape, slots.shape[1]))
+        kept = zero.new_zeros(n_samples).index_add(0, owner, image_keep.sum(1))
+        total = zero.new_zeros(n_samples).index_add(0, owner, image_keep.new_full(owner.shape, slots.shape[1]))
         has_image = total > 0
         fraction = kept[has_image] / total[has_image]
-        vision_loss = ((sparse.vision_keep_rate - fraction) ** 2).mean()
-        mask_loss = mask_loss + vision_loss
-        stats.update(vision_mask_loss=vision_loss.detach(), vision_keep=fraction.mean().detach())
+        vision_sum = ((sparse.vision_keep_rate - fraction) ** 2).sum()
+        mask_loss_sum = mask_loss_sum + vision_sum
+        stats.update(vision_mask_loss=vision_sum.detach() / n_samples, vision_keep=fraction.mean().detach())
         decided = True
     if sparse.sparsify_output_text:
         answer = last_answer_mask(labels) & batch.valid
@@ -90,10 +95,11 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
             answer_keep = gumbel_keep(output_text_predictor(hidden[answer]), tau)
             keep = keep.masked_scatter(answer, answer_keep)
             owner = answer.nonzero()[:, 0]
-            kept = zero.new_zeros(batch.lengths.shape).index_add(0, owner, answer_keep)
+            kept = zero.new_zeros(n_samples).index_add(0, owner, answer_keep)
             fraction = kept[eligible] / answer.sum(1)[eligible]
-            output_loss = ((sparse.output_text_keep_rate - fraction) ** 2).mean()
-            mask_loss = mask_loss + output_loss
-            stats.update(output_mask_loss=output_loss.detach(), output_keep=fraction.mean().detach())
+            # A short answer adds 0 but still counts in the average (the reference divides by B)
+            output_sum = ((sparse.output_text_keep_rate - fraction) ** 2).sum()
+            mask_loss_sum = mask_loss_sum + output_sum
+            stats.update(output_mask_loss=output_sum.detach() / n_samples, output_keep=fraction.mean().detach())
             decided = True
-    return TrainingDecisions(keep if decided else None, mask_loss, stats)
+    return TrainingDecisions(keep if decided else None, mask_loss_sum, stats)

@@ -65,8 +65,9 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "sequences are truncated to this many tokens"})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
-    predictor_lr: float | None = field(default=None, metadata={"help": "learning rate of the Dynamic-LLaVA "
-                                                                       "predictors (default: learning_rate)"})
+    # The reference's default when the flag is absent (its scripts pass 2e-4); the LLM's 5e-6 would train
+    # the fresh predictors 40x too slowly
+    predictor_lr: float = field(default=3e-4, metadata={"help": "learning rate of the Dynamic-LLaVA predictors"})
     predictor_weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the predictors"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality each"})
     sort_micro_batches_by_length: bool = field(default=False, metadata={

@@ -62,6 +62,7 @@ class DynamicLlavaTrainer(Trainer):
         self.core_model = core_model  # the model under any peft / DDP / DeepSpeed wrapper
         self.image_processor = image_processor  # written with the tower when the tower is trained
         self.modality_lengths = lengths
+        self._step_samples: torch.Tensor | None = None  # samples of the current optimiser step (get_batch_samples)
         self._stat_sums: dict[str, float] = defaultdict(float)
         self._stat_counts: dict[str, int] = defaultdict(int)
         if self.pop_callback(ProgressCallback) is not None:
@@ -102,7 +103,7 @@ class DynamicLlavaTrainer(Trainer):
             if not param.requires_grad:
                 continue
             if is_predictor_key(_strip_wrappers(name)):
-                add("predictor", param, args.predictor_lr or args.learning_rate, args.predictor_weight_decay)
+                add("predictor", param, args.predictor_lr, args.predictor_weight_decay)
             elif "mm_projector." in name and args.mm_projector_lr is not None:
                 suffix = "" if name in decay else "_no_decay"
                 add("projector" + suffix, param, args.mm_projector_lr, args.weight_decay if name in decay else 0.0)
@@ -115,12 +116,22 @@ class DynamicLlavaTrainer(Trainer):
         return self.optimizer
 
     # ----------------------------------------------------------------- loss and logging
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """Also counts the step's samples (over all ranks when the Trainer counts its targets so), which
+        the keep-rate regulariser averages over (SPEC 2.3: each sample weighs 1/B of the step)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        samples = torch.tensor(sum(len(b["input_ids"]) for b in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            samples = self.accelerator.gather(samples).sum()
+        self._step_samples = samples
+        return batch_samples, num_items_in_batch
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         accumulating = model.training and self.args.gradient_accumulation_steps > 1
         if accumulating and num_items_in_batch is not None:
-            # the whole step's target count, so that the step's batches add up to one batch's mean loss
-            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+            # the whole step's target and sample counts, so that the step's batches add up to one batch's loss
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch, "num_samples_in_step": self._step_samples}
         outputs = model(**inputs)
         if accumulating and num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # the count is over all ranks, whose gradients DDP averages
