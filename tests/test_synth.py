@@ -1,5 +1,6 @@
-"""The synthetic shapes benchmark: determinism, disjoint splits, answers correct by construction, and the
-files read by the training data pipeline, the runners and the scorers."""
+"""The synthetic shapes benchmark (v2): determinism, disjoint splits, local objects (one per patch) that
+outnumber the token budget, held-out pairs, answers correct by construction, and the files read by the
+training data pipeline, the runners and the scorers."""
 
 from __future__ import annotations
 
@@ -9,18 +10,29 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from dynamic_llava.cli import main as cli_main
 from dynamic_llava.constants import IGNORE_INDEX
 from dynamic_llava.data import score_synth
-from dynamic_llava.data.descriptions import description
+from dynamic_llava.data.descriptions import caption, description
 from dynamic_llava.data.questions import SHORT_ANSWER_TYPES
+from dynamic_llava.data.render import DISTRACTOR_GREYS, RGB, draw_object, render_scene
 from dynamic_llava.data.scenes import (
-    MARGIN,
+    COLOURS,
+    DISTRACTOR_COLOUR,
+    GRID,
+    HELD_OUT_PAIRS,
+    JITTER,
+    KEPT_PATCHES,
+    MIN_APART,
+    SHAPES,
     SPLITS,
     Scene,
     SceneObject,
+    sample_scene,
     scene_from_dict,
     split_of,
 )
@@ -31,7 +43,7 @@ from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.train.dataset import DataArguments, LazySupervisedDataset
 from dynamic_llava.train.preprocess import PromptFormat
 
-CONFIG = SynthConfig(seed=0, n_train=24, n_val=6, n_test=8)
+CONFIG = SynthConfig(seed=0, image_size=112, n_train=24, n_val=6, n_test=8)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +72,7 @@ def _scenes(root: Path, split: str) -> dict[str, Scene]:
 def test_same_seed_same_bytes_other_seed_differs(data: Path, tmp_path: Path) -> None:
     again = _files(_generate(tmp_path / "b", CONFIG))
     assert again == _files(data)
-    other = _files(_generate(tmp_path / "c", SynthConfig(seed=1, n_train=24, n_val=6, n_test=8)))
+    other = _files(_generate(tmp_path / "c", dataclasses.replace(CONFIG, seed=1)))
     assert other.keys() == again.keys()
     assert other["train/instruct.json"] != again["train/instruct.json"]
     assert other["images/test/000000.png"] != again["images/test/000000.png"]
@@ -80,52 +92,137 @@ def test_splits_share_no_scene(data: Path) -> None:
         assert not images[a] & images[b] and not keys[a] & keys[b] and not texts[a] & texts[b]
 
 
+# ----------------------------------------------------------------------------- scene geometry
+CHAIN_SIZE, PATCH = 112, 14  # the chain's image and patch size: GRID x GRID patches
+
+
+def _mask(obj: SceneObject, size: int = CHAIN_SIZE) -> np.ndarray:
+    """The pixels `obj` covers when drawn alone."""
+    canvas = Image.new("L", (size, size))
+    draw_object(ImageDraw.Draw(canvas), obj, size, 255)
+    return np.asarray(canvas) > 0
+
+
+def _cell(mask: np.ndarray, row: int, col: int) -> np.ndarray:
+    return mask[row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH]
+
+
+def test_scenes_have_local_objects_that_outnumber_the_token_budget() -> None:
+    assert CHAIN_SIZE // PATCH == GRID
+    for split in SPLITS:
+        for index in range(200):
+            scene = sample_scene(0, split, index)
+            targets, distractors = scene.targets, scene.distractors
+            assert 3 <= len(targets) <= 5 and 9 <= len(distractors) <= 13
+            assert len(scene.objects) > KEPT_PATCHES  # "keep every object patch" does not fit 20 % of 64
+            assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects)  # one object per cell
+            assert len({o.pair for o in targets}) == len(targets)
+            assert all(o.colour in COLOURS for o in targets) and all(o.colour == DISTRACTOR_COLOUR for o in distractors)
+            assert [(o.row, o.col) for o in scene.objects] == sorted((o.row, o.col) for o in scene.objects)
+            for o in scene.objects:
+                assert abs(o.x - (o.col + 0.5) / GRID) <= JITTER + 1e-4  # + rounding to 4 digits
+                assert abs(o.y - (o.row + 0.5) / GRID) <= JITTER + 1e-4
+
+
+def test_every_object_is_drawn_inside_its_own_patch_at_112_px(data: Path) -> None:
+    for split in SPLITS:
+        for scene in _scenes(data, split).values():
+            for o in scene.objects:
+                mask = _mask(o)
+                assert _cell(mask, o.row, o.col).sum() == mask.sum() > 30, (scene.scene_id, o)
+    # The jitter's extremes too, for every shape
+    for shape in SHAPES:
+        for dx in (-JITTER, JITTER):
+            for dy in (-JITTER, JITTER):
+                o = SceneObject(shape, "red", 3, 4, 4.5 / GRID + dx, 3.5 / GRID + dy)
+                assert _cell(_mask(o), 3, 4).sum() == _mask(o).sum()
+
+
+def test_distinct_shapes_render_differently_at_112_px() -> None:
+    masks = {shape: _cell(_mask(SceneObject(shape, "red", 2, 2, 2.5 / GRID, 2.5 / GRID)), 2, 2) for shape in SHAPES}
+    for a in SHAPES:
+        for b in SHAPES:
+            if a < b:
+                assert (masks[a] ^ masks[b]).sum() >= 15, (a, b)  # of ~45-100 pixels per shape
+
+
+def test_distractors_are_grey_and_lighter_than_anything_behind_them(data: Path) -> None:
+    scene = next(iter(_scenes(data, "test").values()))
+    image = np.asarray(render_scene(scene, CHAIN_SIZE)).astype(int)
+    empty = np.asarray(render_scene(dataclasses.replace(scene, objects=()), CHAIN_SIZE))
+    assert empty.max() < min(DISTRACTOR_GREYS)  # background and clutter are darker than every distractor
+    for o in scene.objects:
+        pixels = _cell(image, o.row, o.col)[_cell(_mask(o), o.row, o.col)]
+        if o.is_target:
+            assert (pixels == RGB[o.colour]).all()
+        else:
+            assert (pixels == pixels[0]).all() and pixels[0][0] in DISTRACTOR_GREYS and len(set(pixels[0])) == 1
+
+
+def test_held_out_pairs_are_never_training_targets_nor_named_in_training(data: Path) -> None:
+    assert len(HELD_OUT_PAIRS) == 5 and all(c in COLOURS and s in SHAPES for c, s in HELD_OUT_PAIRS)
+    train = [sample_scene(0, "train", i) for i in range(500)]
+    assert not any(o.pair in HELD_OUT_PAIRS for scene in train for o in scene.targets)
+    test = [sample_scene(0, "test", i) for i in range(500)]
+    seen = {o.pair for scene in test for o in scene.targets}
+    assert HELD_OUT_PAIRS <= seen
+    instruct = (data / "train" / "instruct.json").read_text()
+    assert not any(re.search(rf"\b{c} {s}", instruct) for c, s in HELD_OUT_PAIRS)  # "colored star" is no "red star"
+    stats = json.loads((data / "stats.json").read_text())
+    assert sorted(map(tuple, stats["held_out_pairs"])) == sorted(HELD_OUT_PAIRS)
+    assert stats["splits"]["train"]["held_out_questions"] == 0
+
+
 # ----------------------------------------------------------------------------- answers by construction
 def _resolve(scene: Scene, words: str) -> list[SceneObject]:
-    """The objects matching a description such as "small red", "red circle" or "large blue square"."""
-    wanted = words.split()
-    return [o for o in scene.objects if all(w in (o.size, o.colour, o.shape) for w in wanted)]
+    """The targets matching a description such as "red", "colored circle" or "blue square"."""
+    wanted = [w for w in words.split() if w != "colored"]
+    return [o for o in scene.targets if all(w in (o.colour, o.shape) for w in wanted)]
 
 
 def _one(scene: Scene, words: str) -> SceneObject:
     found = _resolve(scene, words)
-    assert len(found) == 1, f"{words!r} does not name exactly one object of {scene.key}"
+    assert len(found) == 1, f"{words!r} does not name exactly one target of {scene.key}"
     return found[0]
 
 
 def _side(a: SceneObject, b: SceneObject, axis: str) -> str:
-    delta = (b.x - a.x) if axis == "x" else (b.y - a.y)
-    assert abs(delta) >= MARGIN, "a relation asked between objects too close on that axis"
+    delta = (b.col - a.col) if axis == "x" else (b.row - a.row)
+    assert abs(delta) >= MIN_APART, "a relation asked between objects too close on that axis"
     if axis == "x":
         return "left" if delta > 0 else "right"
     return "above" if delta > 0 else "below"
 
 
-def recompute(scene: Scene, question: str) -> str:
-    """The answer to a generated question, derived from the scene spec independently of the generator."""
+def recompute(scene: Scene, question: str) -> tuple[str, bool]:
+    """The answer to a generated question and whether it is about a held-out pair, derived from the scene
+    spec independently of the generator."""
     q = question.removesuffix("\n" + SHORT_ANSWER_SUFFIX)
-    if m := re.fullmatch(r"What color is the (.+)\?", q):
-        return _one(scene, m[1]).colour
-    if m := re.fullmatch(r"What shape is the (.+) object\?", q):
-        return _one(scene, m[1]).shape
-    if m := re.fullmatch(r"Is the (.+) small or large\?", q):
-        return _one(scene, m[1]).size
-    if q == "How many objects are there in the image?":
-        return str(len(scene.objects))
-    if m := re.fullmatch(r"How many (\w+) objects are there\?", q):
-        return str(sum(o.colour == m[1] for o in scene.objects))
-    if m := re.fullmatch(r"How many (\w+)s are there\?", q):
-        return str(sum(o.shape == m[1] for o in scene.objects))
+
+    def answer(value: str, *about: SceneObject) -> tuple[str, bool]:
+        return value, any(o.pair in HELD_OUT_PAIRS for o in about)
+
+    if m := re.fullmatch(r"What color is the colored (\w+)\?", q):
+        return answer(_one(scene, m[1]).colour, _one(scene, m[1]))
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+        return answer(_one(scene, m[1]).shape, _one(scene, m[1]))
+    if m := re.fullmatch(r"How many (colored|\w+) objects are there\?|How many (colored \w+)s are there\?", q):
+        found = _resolve(scene, m[1] or m[2])
+        return answer(str(len(found)), *found)
     if m := re.fullmatch(r"Is the (.+) on the left or the right of the (.+)\?", q):
-        return _side(_one(scene, m[1]), _one(scene, m[2]), "x")
+        a, b = _one(scene, m[1]), _one(scene, m[2])
+        return answer(_side(a, b, "x"), a, b)
     if m := re.fullmatch(r"Is the (.+) above or below the (.+)\?", q):
-        return _side(_one(scene, m[1]), _one(scene, m[2]), "y")
+        a, b = _one(scene, m[1]), _one(scene, m[2])
+        return answer(_side(a, b, "y"), a, b)
     if m := re.fullmatch(r"Is the (.+) to the (left|right) of the (.+)\?", q):
-        return "yes" if _side(_one(scene, m[1]), _one(scene, m[3]), "x") == m[2] else "no"
+        a, b = _one(scene, m[1]), _one(scene, m[3])
+        return answer("yes" if _side(a, b, "x") == m[2] else "no", a, b)
     if m := re.fullmatch(r"Is the (.+) (above|below) the (.+)\?", q):
-        return "yes" if _side(_one(scene, m[1]), _one(scene, m[3]), "y") == m[2] else "no"
+        a, b = _one(scene, m[1]), _one(scene, m[3])
+        return answer("yes" if _side(a, b, "y") == m[2] else "no", a, b)
     if m := re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q):
-        return "yes" if _resolve(scene, f"{m[1]} {m[2]}") else "no"
+        return ("yes" if _resolve(scene, f"{m[1]} {m[2]}") else "no"), (m[1], m[2]) in HELD_OUT_PAIRS
     raise AssertionError(f"unrecognised question {q!r}")
 
 
@@ -139,7 +236,8 @@ def test_eval_answers_are_correct_by_construction(data: Path, split: str) -> Non
     for q, a in zip(questions, answers):
         assert q["category"] == a["category"]
         assert q["text"].endswith("\n" + SHORT_ANSWER_SUFFIX)
-        assert recompute(scenes[q["image"]], q["text"]) == a["answer"], q
+        assert q["held_out"] == a["held_out"]
+        assert recompute(scenes[q["image"]], q["text"]) == (a["answer"], a["held_out"]), q
 
 
 def test_training_answers_are_correct_by_construction(data: Path) -> None:
@@ -153,7 +251,7 @@ def test_training_answers_are_correct_by_construction(data: Path) -> None:
         for human, gpt in zip(turns[::2], turns[1::2]):
             question = human["value"].removeprefix("<image>\n")
             if question.endswith(SHORT_ANSWER_SUFFIX):
-                assert recompute(scene, question) == gpt["value"]
+                assert recompute(scene, question) == (gpt["value"], False)
             else:
                 assert gpt["value"] == description(scene)
                 described += 1
@@ -162,7 +260,8 @@ def test_training_answers_are_correct_by_construction(data: Path) -> None:
     for sample in pretrain:
         human, gpt = sample["conversations"]
         assert human == {"from": "human", "value": "<image>"}
-        assert all(o.name in gpt["value"] for o in scenes[sample["image"]].objects)
+        assert gpt["value"] == caption(scenes[sample["image"]])
+        assert all(o.name in gpt["value"] for o in scenes[sample["image"]].targets)
 
 
 def test_answer_all_conversations_pair_each_question_with_its_answer(data: Path, tmp_path: Path) -> None:
@@ -178,7 +277,7 @@ def test_answer_all_conversations_pair_each_question_with_its_answer(data: Path,
         assert turns[0] == {"from": "human", "value": "<image>\n" + ANSWER_ALL_PROMPT}
         pairs = re.findall(r"(.+?\?) (\w+)\.(?: |$)", turns[1]["value"])
         assert " ".join(f"{q} {a}." for q, a in pairs) == turns[1]["value"]
-        assert all(recompute(scene, q) == a for q, a in pairs)
+        assert all(recompute(scene, q)[0] == a for q, a in pairs)
         assert len(pairs) == sum(t["value"].endswith(SHORT_ANSWER_SUFFIX) for t in before["conversations"][::2])
         described = description(scene) in [t["value"] for t in before["conversations"]]
         assert turns[2:] == ([] if not described else [turns[2], {"from": "gpt", "value": description(scene)}])
@@ -196,10 +295,10 @@ def test_pope_files_and_adversarial_negatives(data: Path, tmp_path: Path, capsys
         assert sum(row["label"] == "yes" for row in labels) == len(labels) // 2  # an even number of scenes
         for row in labels:
             scene = scenes[row["image"]]
-            assert recompute(scene, row["text"]) == row["label"]
+            assert recompute(scene, row["text"])[0] == row["label"]
             if kind == "adversarial" and row["label"] == "no":
                 colour, shape = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", row["text"]).groups()
-                assert any(o.colour == colour or o.shape == shape for o in scene.objects)
+                assert any(o.colour == colour or o.shape == shape for o in scene.targets)
     # eval_pope reads the layout: answering every label right gives F1 = 1 in each category
     results = tmp_path / "results.jsonl"
     by_id = {row["question_id"]: row["label"] for kind in ("random", "popular", "adversarial")
@@ -232,9 +331,14 @@ def test_descriptions_are_long(data: Path, loaded) -> None:
     tokenizer = loaded[0]
     samples = read_samples(str(data / "test" / "describe.jsonl"), str(data / "images"), None)
     assert len(samples) == CONFIG.n_test
+    scenes = _scenes(data, "test")
     for sample in samples:
         assert len(sample["answer"].split()) >= 60
         assert len(tokenizer(sample["answer"], add_special_tokens=False).input_ids) >= 60
+        scene = scenes[sample["image"]]
+        listing = re.search(r"From top to bottom and left to right, there is (.+?)\. ", sample["answer"])[1]
+        assert re.findall(r"an? (\w+ \w+) (?:at|in) the ([\w ]+?)(?:,| and |$)", listing) == [
+            (o.name, o.place) for o in scene.targets]
 
 
 @pytest.mark.parametrize("name, version", [("instruct.json", "v1"), ("pretrain.json", "plain")])
@@ -285,9 +389,23 @@ def test_scorer_normalises_and_counts_missing(tmp_path: Path) -> None:
     assert result["per_type"]["existence"]["accuracy"] == 0.0
     assert result["overall"] == {"accuracy": 1 / 3, "correct": 1, "questions": 3}
     assert result["missing"] == 1
+    assert "held_out" not in result  # no ground-truth row is marked
     (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": "zz", "text": "x"}) + "\n")
     (tmp_path / "g.jsonl").write_text("".join(json.dumps(row) + "\n" for row in gt))
     assert score_synth.main(["--answers-file", str(tmp_path / "a.jsonl"), "--gt-file", str(tmp_path / "g.jsonl")]) == 2
+
+
+def test_scorer_reports_the_held_out_pair_questions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gt = [{"question_id": "a", "answer": "2", "category": "count", "held_out": True},
+          {"question_id": "b", "answer": "yes", "category": "existence", "held_out": True},
+          {"question_id": "c", "answer": "red", "category": "attribute", "held_out": False}]
+    answers = [{"question_id": "a", "text": "2"}, {"question_id": "b", "text": "no"},
+               {"question_id": "c", "text": "red"}]
+    assert score_synth.score(answers, gt)["held_out"] == {"accuracy": 0.5, "correct": 1, "questions": 2}
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in answers))
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(row) + "\n" for row in gt))
+    assert score_synth.main(["--answers-file", str(tmp_path / "a.jsonl"), "--gt-file", str(tmp_path / "g.jsonl")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "held-out pairs: 50.00% (1/2)"
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,8 +1,9 @@
 """Deterministic scene texts: a short caption (pre-training) and a long description (>= 60 words).
 
-The description lists every object with its attributes and cell in reading order, the relation
-between consecutive objects, and the counts per colour, shape and size: long enough to exercise
-output-token sparsification, and fully determined by the scene so a reference exists.
+The description lists every target with its colour, shape and rough place (thirds of the image) in
+reading order, the relation between consecutive targets, the counts of the targets per colour and per
+shape, and the grey shapes per shape: long enough to exercise output-token sparsification, and fully
+determined by the scene so a reference exists.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections import Counter
 from itertools import pairwise
 
 from .questions import article, plural
-from .scenes import COLOURS, SHAPES, SIZES, Scene, SceneObject, above, left_of
+from .scenes import COLOURS, SHAPES, Scene, SceneObject, above, left_of
 
 DESCRIBE_PROMPTS = (
     "Describe the image in detail.",
@@ -24,10 +25,15 @@ def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _where(obj: SceneObject) -> str:
+    """E.g. "a red circle at the top left"."""
+    return f"{article(obj.colour)} {obj.name} {'in the' if obj.place == 'center' else 'at the'} {obj.place}"
+
+
 def caption(scene: Scene) -> str:
-    """E.g. "A large red circle, a small blue star and a small green square." """
-    text = _listing([f"{article(o.size)} {o.name}" for o in scene.objects])
-    return text[0].upper() + text[1:] + "."
+    """E.g. "A red circle at the top left and a blue star in the center, among 11 grey shapes." """
+    text = _listing([_where(o) for o in scene.targets])
+    return f"{text[0].upper()}{text[1:]}, among {len(scene.distractors)} grey shapes."
 
 
 def _relation(a: SceneObject, b: SceneObject) -> str:
@@ -37,7 +43,7 @@ def _relation(a: SceneObject, b: SceneObject) -> str:
         parts.append("above" if vertical else "below")
     if horizontal is not None:
         parts.append("to the left of" if horizontal else "to the right of")
-    return f"The {a.name} is {' and '.join(parts)} the {b.name}."
+    return f"The {a.name} is {' and '.join(parts) or 'next to'} the {b.name}."
 
 
 def _counts(values: list[str], order: tuple[str, ...], noun: str | None) -> str:
@@ -51,14 +57,13 @@ def _counts(values: list[str], order: tuple[str, ...], noun: str | None) -> str:
 
 
 def description(scene: Scene) -> str:
-    objects = scene.objects
-    where = [f"{article(o.size)} {o.name} {'in the' if o.place == 'center' else 'at the'} {o.place}" for o in objects]
+    targets, distractors = scene.targets, scene.distractors
     sentences = [
-        f"There are {len(objects)} objects on a textured grey background.",
-        f"From top to bottom and left to right, there is {_listing(where)}.",
-        *(_relation(a, b) for a, b in pairwise(objects)),
-        f"Counting by color: {_counts([o.colour for o in objects], COLOURS, 'object')}.",
-        f"Counting by shape: {_counts([o.shape for o in objects], SHAPES, None)}.",
-        f"Counting by size: {_counts([o.size for o in objects], SIZES, 'object')}.",
+        f"There are {len(targets)} colored objects and {len(distractors)} grey shapes on a textured grey background.",
+        f"From top to bottom and left to right, there is {_listing([_where(o) for o in targets])}.",
+        *(_relation(a, b) for a, b in pairwise(targets)),
+        f"Counting the colored objects by color: {_counts([o.colour for o in targets], COLOURS, 'object')}.",
+        f"Counting them by shape: {_counts([o.shape for o in targets], SHAPES, None)}.",
+        f"The grey shapes are {_counts([o.shape for o in distractors], SHAPES, None)}.",
     ]
     return " ".join(sentences)

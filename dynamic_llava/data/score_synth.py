@@ -2,7 +2,8 @@
 
 Exact match per question after the VQA / EvalAI answer normalisation (`eval.vqa_answer.normalize_answer`:
 case, punctuation, articles, number words, so "Two." matches "2"). A ground-truth question with no
-answer line counts as wrong and is reported as missing. Prints the accuracy per question type and overall.
+answer line counts as wrong and is reported as missing. Prints the accuracy per question type and overall,
+and on the questions about held-out (colour, shape) pairs when the ground truth marks some (`held_out`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,22 @@ from ..eval.vqa_answer import normalize_answer
 
 
 def score(answers: list[dict], ground_truth: list[dict]) -> dict[str, Any]:
-    """{"per_type": {category: {accuracy, correct, questions}}, "overall": {...}, "missing": n}."""
+    """{"per_type": {category: {accuracy, correct, questions}}, "overall": {...}, "missing": n}, and
+    "held_out": {...} over the ground-truth rows with `held_out` true, when there are any."""
     predicted: dict[Any, str] = {}
     for index, row in enumerate(answers):
         require_keys(row, ("question_id", "text"), f"answers line {index + 1}")
         predicted[row["question_id"]] = normalize_answer(str(row["text"]))
     known = set()
     tally: dict[str, list[int]] = {}  # category -> [correct, questions]
+    held_out = [0, 0]
     for index, row in enumerate(ground_truth):
         require_keys(row, ("question_id", "answer", "category"), f"ground-truth line {index + 1}")
         known.add(row["question_id"])
-        counts = tally.setdefault(row["category"], [0, 0])
-        counts[0] += predicted.get(row["question_id"]) == normalize_answer(str(row["answer"]))
-        counts[1] += 1
+        right = predicted.get(row["question_id"]) == normalize_answer(str(row["answer"]))
+        for counts in [tally.setdefault(row["category"], [0, 0])] + ([held_out] if row.get("held_out") else []):
+            counts[0] += right
+            counts[1] += 1
     if not tally:
         raise UserError("no ground-truth questions to score")
     unknown = [qid for qid in predicted if qid not in known]
@@ -41,14 +45,20 @@ def score(answers: list[dict], ground_truth: list[dict]) -> dict[str, Any]:
     def row(correct: int, questions: int) -> dict[str, Any]:
         return {"accuracy": correct / questions, "correct": correct, "questions": questions}
 
-    return {"per_type": {c: row(*counts) for c, counts in tally.items()},
-            "overall": row(sum(c for c, _ in tally.values()), sum(n for _, n in tally.values())),
-            "missing": len(known) - len(set(predicted))}
+    result: dict[str, Any] = {"per_type": {c: row(*counts) for c, counts in tally.items()},
+                              "overall": row(sum(c for c, _ in tally.values()), sum(n for _, n in tally.values())),
+                              "missing": len(known) - len(set(predicted))}
+    if held_out[1]:
+        result["held_out"] = row(*held_out)
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
     result = score(read_jsonl(args.answers_file), read_jsonl(args.gt_file))
-    for category, row in [*result["per_type"].items(), ("overall", result["overall"])]:
+    rows = [*result["per_type"].items(), ("overall", result["overall"])]
+    if "held_out" in result:
+        rows.append(("held-out pairs", result["held_out"]))
+    for category, row in rows:
         print(f"{category}: {100 * row['accuracy']:.2f}% ({row['correct']}/{row['questions']})")
     if result["missing"]:
         print(f"missing answers (counted wrong): {result['missing']}")

@@ -1,15 +1,19 @@
-"""`dynamic-llava data synth --out DIR`: the synthetic shapes benchmark, as training data and evaluation files.
+"""`dynamic-llava data synth --out DIR`: the synthetic shapes benchmark (v2), as training data and evaluation files.
+
+Scenes, questions and texts: `scenes.py`, `questions.py`, `descriptions.py` (small coloured targets and grey
+distractors, one per patch of the tower's 8 x 8 grid at 112 px; questions about the targets only).
 
 Layout under DIR (image paths in every file are relative to DIR/images):
 - images/{train,val,test}/NNNNNN.png; {split}/scenes.jsonl: the scene specs the answers come from
 - train/pretrain.json: LLaVA `plain` pre-training pairs (human "<image>", gpt a short caption)
 - train/instruct.json: LLaVA instruction data, one conversation per scene: a turn per question, or (a
   share of them) every question asked and answered in one turn
-- {val,test}/questions.jsonl ({question_id, image, text, category}) and answers.jsonl ({question_id,
-  answer, category}) for `model_vqa_loader` and `score_synth`
+- {val,test}/questions.jsonl ({question_id, image, text, category, held_out}) and answers.jsonl
+  ({question_id, answer, category, held_out}) for `model_vqa_loader` and `score_synth`; `held_out`: the
+  question is about a (colour, shape) pair of `scenes.HELD_OUT_PAIRS`, never a target in training
 - {val,test}/pope/questions.jsonl (category = negative kind) and coco_pope_{kind}.json for `eval_pope`
 - {val,test}/describe.jsonl ({question_id, image, text, answer}) for `generation_ability`
-- stats.json: counts per split and type, and the majority-answer baseline per type on test
+- stats.json: the held-out pairs, counts per split and type, and the majority-answer baseline per type on test
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from .questions import (
     scene_questions,
 )
 from .render import render_scene
-from .scenes import SPLITS, Scene, sample_scene
+from .scenes import HELD_OUT_PAIRS, SPLITS, Scene, sample_scene
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's
 ANSWER_ALL_PROMPT = "Ask questions about the image and answer them."
@@ -48,7 +52,7 @@ class SynthConfig:
     image_size: int = 192
     n_train: int = 2000
     n_val: int = 200
-    n_test: int = 200
+    n_test: int = 500
     describe_share: float = 0.5  # share of training conversations that also ask for the long description
     # Share of training conversations in one turn ("Q1? A1. Q2? A2. ..."): each answer right after its
     # question, a layout a small LLM trained from scratch learns look-up from far sooner (RESULTS.md)
@@ -116,7 +120,8 @@ class _Split:
             self.scenes.append(scene)
             render_scene(scene, config.image_size).save(images / _image(scene), format="PNG")
             rng = random.Random(f"synth-questions/{config.seed}/{scene.scene_id}")
-            qas = scene_questions(scene, index, rng)
+            # Training answers never name a held-out pair (not even "no, there is none")
+            qas = scene_questions(scene, index, rng, HELD_OUT_PAIRS if split == "train" else frozenset())
             self.qas += [(scene, f"{scene.scene_id}_{k}", qa) for k, qa in enumerate(qas)]
             if split == "train":
                 # Its own stream, so that the other conversations do not depend on the share
@@ -131,6 +136,7 @@ class _Split:
         _dump_jsonl(root / self.split / "scenes.jsonl", [_scene_record(s) for s in self.scenes])
         counts = {"scenes": len(self.scenes),
                   "questions": {t: sum(qa.category == t for _, _, qa in self.qas) for t in SHORT_ANSWER_TYPES}}
+        counts["held_out_questions"] = sum(qa.held_out for _, _, qa in self.qas)  # 0 in train by construction
         if self.split == "train":
             pretrain = [{"id": s.scene_id, "image": _image(s), "conversations": [
                 {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(s)}]} for s in self.scenes]
@@ -140,10 +146,11 @@ class _Split:
             counts["answer_all"] = self.answer_all
             return counts
         _dump_jsonl(root / self.split / "questions.jsonl", [
-            {"question_id": qid, "image": _image(s), "text": _short_prompt(qa.question), "category": qa.category}
-            for s, qid, qa in self.qas])
+            {"question_id": qid, "image": _image(s), "text": _short_prompt(qa.question), "category": qa.category,
+             "held_out": qa.held_out} for s, qid, qa in self.qas])
         _dump_jsonl(root / self.split / "answers.jsonl", [
-            {"question_id": qid, "answer": qa.answer, "category": qa.category} for _, qid, qa in self.qas])
+            {"question_id": qid, "answer": qa.answer, "category": qa.category, "held_out": qa.held_out}
+            for _, qid, qa in self.qas])
         existence = [(s, qid, qa) for s, qid, qa in self.qas if qa.category == "existence"]
         _dump_jsonl(root / self.split / "pope" / "questions.jsonl", [
             {"question_id": qid, "image": _image(s), "text": _short_prompt(qa.question), "category": qa.kind}
@@ -183,6 +190,7 @@ def generate(config: SynthConfig, root: Path) -> dict[str, Any]:
         splits[split] = _Split(config, split, root / "images")
     stats = {
         "config": dataclasses.asdict(config),
+        "held_out_pairs": sorted(HELD_OUT_PAIRS),
         "splits": {name: split.write(root) for name, split in splits.items()},
         "majority_baseline_test": majority_baseline([qa for _, _, qa in splits["train"].qas],
                                                     [qa for _, _, qa in splits["test"].qas]),
