@@ -23,9 +23,9 @@ from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("align")
-    write_dataset(SynthConfig(seed=0, image_size=56, n_train=16, n_val=4, n_test=1), root / "data")
+    write_dataset(SynthConfig(seed=0, image_size=112, n_train=16, n_val=4, n_test=1), root / "data")
     make_tiny_checkpoint(root / "llm", fmt="llm", seed=0)
-    write_tiny_clip_tower(root / "tower", seed=0, image_size=56, patch_size=14, hidden_size=32, num_layers=2,
+    write_tiny_clip_tower(root / "tower", seed=0, image_size=112, patch_size=14, hidden_size=32, num_layers=2,
                           num_heads=4, intermediate_size=64)
     return root
 
@@ -37,13 +37,14 @@ def test_a_patch_slot_sums_the_embeddings_of_its_object_words(parts: Path) -> No
     def word(text: str) -> torch.Tensor:
         return embeddings[tokenizer(text, add_special_tokens=False).input_ids].mean(dim=0)
 
-    # A large green square in the centre cell of a 112-px image, 8 x 8 patches of 14 px
-    scene = Scene("train_000000", 0, (SceneObject("square", "green", "large", 1, 1, 0.5, 0.5),))
+    # A green square and a grey star in two cells of a 112-px image, 8 x 8 patches of 14 px
+    scene = Scene("train_000000", 0, (SceneObject("square", "green", 3, 3, 3.5 / 8, 3.5 / 8),
+                                      SceneObject("star", "grey", 3, 7, 7.5 / 8, 3.5 / 8)))
     slots = patch_slots(patch_labels(scene, 112, 14), slot_tables(tokenizer, embeddings)).view(8, 8, -1)
-    expected = word("green") + word("square") + word("large") + word("middle") + word("center")
-    assert torch.allclose(slots[3, 3], expected, atol=1e-6) and torch.allclose(slots[4, 4], expected, atol=1e-6)
-    assert torch.allclose(slots[0, 0], 5 * word("background"), atol=1e-6)
-    assert not torch.allclose(slots[3, 3], slots[0, 0])
+    assert torch.allclose(slots[3, 3], word("green") + word("square"), atol=1e-6)
+    assert torch.allclose(slots[3, 7], word("grey") + word("star"), atol=1e-6)
+    for row, col in [(0, 0), (3, 4), (4, 3)]:  # every other patch, the neighbours of an object's too
+        assert torch.allclose(slots[row, col], 2 * word("background"), atol=1e-6)
 
 
 def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_path: Path) -> None:
@@ -64,7 +65,7 @@ def test_stages_0_and_1_share_one_load_of_the_images(parts: Path, tmp_path: Path
     loads: list[str] = []
     real = tower_pretrain.load_split
     monkeypatch.setattr(tower_pretrain, "load_split", lambda *args: loads.append(args[1]) or real(*args))
-    splits = tower_pretrain.SceneSplits(parts / "data", load_image_processor(parts / "tower"), 56, 14)
+    splits = tower_pretrain.SceneSplits(parts / "data", load_image_processor(parts / "tower"), 112, 14)
     tower_pretrain.pretrain_tower(parts / "data", parts / "tower", tmp_path / "stage0", steps=4, batch_size=4,
                                   warmup_steps=1, splits=splits)
     shared = align_projector(parts / "data", parts / "llm", tmp_path / "stage0", tmp_path / "a", steps=10,

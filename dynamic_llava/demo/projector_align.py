@@ -3,11 +3,13 @@
 LLaVA's stage 1 trains the projector on captions so that image tokens land where a pre-trained LLM
 already reads words. The chain's LLM starts from scratch, and captions teach its projector little
 (RESULTS, "Where the look-up breaks"). The generator knows every object, so the target can be given
-directly: for each patch, the sum over its main object's attributes (colour, shape, size, row word,
-column word; "background" for each where no object covers it) of the start LLM's mean input embedding
-of the attribute's word. The projector (LLaVA's mlp2x_gelu, on the tower's selected features) is fitted
-to these slots with a mean-squared error and written as LLaVA's stage 1 writes it (config.json +
-mm_projector.bin), for stage 2 to load with `--pretrain_mm_mlp_adapter` and keep frozen.
+directly: for each patch, the sum of the start LLM's mean input embeddings of its object's colour word
+("grey" for a distractor) and shape word, or twice that of "background" where the patch has no object
+(every object lies inside one patch, `tower_pretrain.patch_labels`). Where an object is needs no word:
+the LLM reads it from the image token's position. The projector (LLaVA's mlp2x_gelu, on the tower's
+selected features) is fitted to these slots with a mean-squared error and written as LLaVA's stage 1
+writes it (config.json + mm_projector.bin), for stage 2 to load with `--pretrain_mm_mlp_adapter` and
+keep frozen.
 """
 
 from __future__ import annotations
@@ -22,31 +24,28 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data.scenes import COLOURS, SHAPES, SIZES
 from ..model.loading import load_base_llm
 from ..train.trainer import write_config
 from .loss_history import LossHistory
-from .tower_pretrain import SceneSplits
+from .tower_pretrain import HEADS, SceneSplits
 
-ROW_WORDS, COL_WORDS = ("top", "middle", "bottom"), ("left", "center", "right")
-# The words of `tower_pretrain.HEADS` classes, in the same order
-SLOT_WORDS = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "row": ROW_WORDS, "col": COL_WORDS}
 BACKGROUND = "background"
 
 
 def slot_tables(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per patch head, [classes + 1, C]: the mean input embedding of each class's word, then of
-    "background" (the patch labels' extra last class)."""
+    """Per patch head, [classes + 1, C]: the mean input embedding of each class's word (the classes of
+    `tower_pretrain.HEADS` are words: "red", ..., "grey"; "circle", ...), then of "background" (the patch
+    labels' extra last class)."""
     def word(text: str) -> torch.Tensor:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         return embeddings[ids].float().mean(dim=0)
 
-    return {head: torch.stack([word(w) for w in (*words, BACKGROUND)]) for head, words in SLOT_WORDS.items()}
+    return {head: torch.stack([word(w) for w in (*words, BACKGROUND)]) for head, words in HEADS.items()}
 
 
 def patch_slots(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]) -> torch.Tensor:
     """[..., C]: per patch, the sum over the heads of the slot of its label (`labels[head]`: [...] class ids)."""
-    return sum(tables[head][labels[head]] for head in SLOT_WORDS)
+    return sum(tables[head][labels[head]] for head in HEADS)
 
 
 @torch.no_grad()
@@ -81,7 +80,7 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     features = _features(vision, pixels)
     # Every image's slots up front ([n, patches, C], ~1 GB for the chain's 16000 images): a step is then one
     # gather, and with the MLP in bf16 (fp32 weights) a step takes ~1/3 of the time
-    slots = patch_slots({head: labels[head] for head in SLOT_WORDS}, tables)
+    slots = patch_slots(labels, tables)
     last = [m for m in projector.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():  # start near the origin: the slots are sums of small embeddings
         last.weight.mul_(0.05)

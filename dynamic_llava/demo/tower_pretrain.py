@@ -4,15 +4,12 @@ Real LLaVA starts from a pre-trained CLIP; the chain's tower starts random, and 
 through the LLM is too weak a signal for it to learn to see. The generator knows every object, so
 dense labels are free. Linear heads on the tower's output (`select_layer`, CLS dropped, as LLaVA reads it)
 are trained with the tower and then thrown away: only the tower is saved, in the layout of the folder it
-came from. Two kinds of head:
-
-- per patch: the colour, shape, size and grid cell (row, column) of the object covering most of the
-  patch, or "background";
-- per image, on the mean of the patch features: the scene's summary, i.e. the object count, the count
-  per colour and per shape, and per (colour, shape) pair its size, row and column, or "absent". A
-  linear head on a mean is a sum of per-patch contributions, so the tower can keep each object's part
-  of the summary on that object's own patches: dropping them loses it, which is what makes the
-  token-dropping policies comparable on this tower.
+came from. The heads are per patch only: the colour (a target's, grey for a distractor) and the shape
+of the object in the patch, or "background". Every object lies inside one cell of the scene grid, and
+the tower's patch grid is that grid (or a finer multiple of it), so these labels are exact and each
+patch's features need only say what is in that patch. No head asks for scene-wide facts (there were
+per-image summary heads once), which a tower would learn to spread over every patch: dropping a patch
+loses exactly its object, which is what makes the token-dropping policies comparable on this tower.
 """
 
 from __future__ import annotations
@@ -27,94 +24,61 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..data.render import _draw_object
-from ..data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, scene_from_dict
+from ..data.scenes import COLOURS, DISTRACTOR_COLOUR, GRID, SHAPES, Scene, scene_from_dict
 from ..mm_utils import process_images
 from ..model.convert import load_clip, load_image_processor
 from .loss_history import LossHistory
 
-# Per-patch heads; a patch no object covers enough of gets the extra last class of each
-HEADS = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "row": tuple(range(GRID)), "col": tuple(range(GRID))}
-PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-# Per-image heads: name -> (sub-heads, classes of each). Class 0 of a pair head is "absent"; the last
-# class of a row / column head is "several" (one pair can occur twice, in both sizes).
-SCENE_HEADS = {"count": (1, MAX_OBJECTS + 1), "colour_count": (len(COLOURS), MAX_OBJECTS + 1),
-               "shape_count": (len(SHAPES), MAX_OBJECTS + 1), "pair_size": (len(PAIRS), 4),
-               "pair_row": (len(PAIRS), GRID + 2), "pair_col": (len(PAIRS), GRID + 2)}
-MIN_COVERAGE = 0.05  # of a patch's pixels; a small star split over four patches still labels one of them
+# Per-patch heads: classes of each; a patch with no object gets the extra last class ("background")
+HEADS = {"colour": (*COLOURS, DISTRACTOR_COLOUR), "shape": SHAPES}
 
 
 def patch_labels(scene: Scene, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
-    """Per patch (reading order) the class index of each attribute of its main object, or len(values)
-    for background; the rendering geometry is the generator's own, drawn at the tower's input size."""
+    """Per patch (reading order) the class index of each attribute of the object in its cell, or
+    len(values) for background. The tower's patch grid must be the scene's grid or a multiple of it (a
+    patch then lies inside one cell: at 8 x 8 patches, 112 px / 14 px, one object per patch at most)."""
     grid = image_size // patch_size
-    coverage = np.zeros((len(scene.objects), grid, grid))
-    for k, obj in enumerate(scene.objects):
-        canvas = Image.new("RGB", (image_size, image_size))
-        _draw_object(ImageDraw.Draw(canvas), obj, image_size)
-        mask = np.asarray(canvas).any(axis=2)[: grid * patch_size, : grid * patch_size]
-        coverage[k] = mask.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
-    best = coverage.argmax(axis=0).ravel()
-    covered = coverage.max(axis=0).ravel() >= MIN_COVERAGE
+    if grid % GRID:
+        raise ValueError(f"a {grid} x {grid} patch grid ({image_size} px / {patch_size} px) does not tile the "
+                         f"scenes' {GRID} x {GRID} cells")
+    cell_of_patch = torch.arange(grid) * GRID // grid
     out = {}
     for head, values in HEADS.items():
-        index = [values.index(getattr(o, head)) for o in scene.objects]
-        out[head] = torch.tensor([index[b] if c else len(values) for b, c in zip(best, covered)])
+        cells = torch.full((GRID, GRID), len(values))
+        for obj in scene.objects:
+            cells[obj.row, obj.col] = values.index(getattr(obj, head))
+        out[head] = cells[cell_of_patch][:, cell_of_patch].flatten()
     return out
 
 
-def scene_labels(scene: Scene) -> dict[str, torch.Tensor]:
-    """The per-image summary targets of `SCENE_HEADS`, one class index per sub-head."""
-    colour_count = [sum(o.colour == c for o in scene.objects) for c in COLOURS]
-    shape_count = [sum(o.shape == s for o in scene.objects) for s in SHAPES]
-    size, row, col = [], [], []
-    for colour, shape in PAIRS:
-        # (size, colour, shape) is unique in a scene, so a pair found twice is there in both sizes
-        found = [o for o in scene.objects if (o.colour, o.shape) == (colour, shape)]
-        several = len(found) > 1
-        size.append(0 if not found else 3 if several else 1 + SIZES.index(found[0].size))
-        row.append(0 if not found else GRID + 1 if several else 1 + found[0].row)
-        col.append(0 if not found else GRID + 1 if several else 1 + found[0].col)
-    values = {"count": [len(scene.objects)], "colour_count": colour_count, "shape_count": shape_count,
-              "pair_size": size, "pair_row": row, "pair_col": col}
-    return {head: torch.tensor(value) for head, value in values.items()}
-
-
 class _Heads(nn.Module):
-    """Linear probes on the patch features (`HEADS`) and on their mean (`SCENE_HEADS`)."""
+    """Linear probes on the patch features, one per `HEADS` entry."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.patch = nn.ModuleDict({head: nn.Linear(hidden, len(values) + 1) for head, values in HEADS.items()})
-        self.scene = nn.ModuleDict({head: nn.Linear(hidden, n * classes)
-                                    for head, (n, classes) in SCENE_HEADS.items()})
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = {head: layer(features) for head, layer in self.patch.items()}
-        mean = features.mean(dim=1)
-        for head, layer in self.scene.items():
-            n, classes = SCENE_HEADS[head]
-            logits[head] = layer(mean).view(-1, n, classes)
-        return logits
+        return {head: layer(features) for head, layer in self.patch.items()}
 
 
 def load_split(data_dir: Path, split: str, processor: Any, image_size: int, patch_size: int
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel values (bf16, preprocessed as LLaVA training does with `--image_aspect_ratio pad`) and labels."""
     rows = [json.loads(line) for line in (data_dir / split / "scenes.jsonl").read_text(encoding="utf-8").splitlines()]
-    pixels, labels = [], {head: [] for head in [*HEADS, *SCENE_HEADS]}
+    pixels, labels = [], {head: [] for head in HEADS}
     for start in tqdm(range(0, len(rows), 64), desc=f"{split} images", unit="batch"):
         chunk = rows[start:start + 64]
         images = [Image.open(data_dir / "images" / row["image"]).convert("RGB") for row in chunk]
         pixels.append(process_images(images, processor, "pad").to(torch.bfloat16))
         for row in chunk:
             scene = scene_from_dict(row)
-            for head, value in [*patch_labels(scene, image_size, patch_size).items(), *scene_labels(scene).items()]:
+            for head, value in patch_labels(scene, image_size, patch_size).items():
                 labels[head].append(value)
     return torch.cat(pixels), {head: torch.stack(values) for head, values in labels.items()}
 
@@ -139,7 +103,7 @@ class SceneSplits:
 
 
 def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over the heads of their mean cross-entropy (over patches, or over sub-heads)."""
+    """Sum over the heads of their mean cross-entropy over patches."""
     return sum(nn.functional.cross_entropy(logits[head].float().flatten(0, -2), labels[head].flatten())
                for head in logits)
 
@@ -147,8 +111,8 @@ def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) ->
 @torch.no_grad()
 def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
               select_layer: int, batch_size: int) -> dict[str, float]:
-    """Held-out accuracy: per-patch attributes on object patches only (background is most patches); scene
-    heads over all their sub-heads, and the pair heads also over the pairs present only (most are absent)."""
+    """Held-out accuracy: per-patch attributes on object patches only (background is most patches), and
+    whether a patch is told apart as object / background and as target (coloured) / anything else."""
     tower.eval()
     predicted: dict[str, list[torch.Tensor]] = {head: [] for head in labels}
     for start in range(0, len(pixels), batch_size):
@@ -163,14 +127,11 @@ def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dic
         guess, truth = torch.cat(predicted[head]), labels[head]
         foreground = truth != len(values)
         result[f"{head}_accuracy_object_patches"] = (guess == truth)[foreground].float().mean().item()
-    object_patch = labels["colour"] != len(COLOURS)
-    guess_object = torch.cat(predicted["colour"]) != len(COLOURS)
-    result["object_vs_background_accuracy"] = (guess_object == object_patch).float().mean().item()
-    for head in SCENE_HEADS:
-        hit = torch.cat(predicted[head]) == labels[head]
-        result[f"{head}_accuracy"] = hit.float().mean().item()
-        if head.startswith("pair_"):
-            result[f"{head}_accuracy_present"] = hit[labels["pair_size"] != 0].float().mean().item()
+    guess, truth = torch.cat(predicted["colour"]), labels["colour"]
+    background = len(HEADS["colour"])
+    result["object_vs_background_accuracy"] = ((guess != background) == (truth != background)).float().mean().item()
+    # Colour classes below len(COLOURS) are the targets' colours
+    result["target_vs_rest_accuracy"] = ((guess < len(COLOURS)) == (truth < len(COLOURS))).float().mean().item()
     return result
 
 
