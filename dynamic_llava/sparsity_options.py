@@ -29,6 +29,8 @@ def add_sparsity_arguments(parser: argparse.ArgumentParser, no_sparse_help: str 
     parser.add_argument("--no-output-sparsity", action="store_true", help="keep every generated token")
     parser.add_argument("--sparse-layer", type=int, default=None, help="first layer on the reduced tokens "
                         "(FastV's K; default: the checkpoint's, 2)")
+    parser.add_argument("--policy-seed", type=int, default=None, help="seed of the random vision / output "
+                        "policies (default: the checkpoint's, 0)")
     parser.add_argument("--no-sparse", action="store_true", help=no_sparse_help)
 
 
@@ -38,7 +40,8 @@ def sparsity_overrides(args: argparse.Namespace) -> dict[str, Any]:
         return {"sparse": False}
     overrides: dict[str, Any] = {
         "vision_keep_rate": args.vision_keep_rate, "output_text_keep_rate": args.output_keep_rate,
-        "vision_policy": args.vision_policy, "output_policy": args.output_policy, "sparse_layer": args.sparse_layer}
+        "vision_policy": args.vision_policy, "output_policy": args.output_policy, "sparse_layer": args.sparse_layer,
+        "policy_seed": args.policy_seed}
     if args.no_output_sparsity:
         overrides["use_output_text_predictor"] = False
     return {k: v for k, v in overrides.items() if v is not None}

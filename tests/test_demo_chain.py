@@ -106,6 +106,8 @@ def test_export_refuses_a_dense_checkpoint(chain: Path, tmp_path: Path, capsys: 
 
 
 def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path) -> None:
+    from dynamic_llava.demo.compare import object_patches, scene_of
+
     out = tmp_path / "results"
     assert cli_main(["demo", "compare", "--chain", str(chain), "--out", str(out), "--work", str(tmp_path / "work"),
                      "--scenes", "2", "--describe-samples", "1", "--curve-samples", "1", "--mask-images", "2",
@@ -113,18 +115,36 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     results = json.loads((out / "results.json").read_text())
     short, flops = results["short_answers"], results["prefill_flops"]
     families = {row["family"] for row in short.values()}
-    assert families == {"dense", "dynamic-llava I", "dynamic-llava I|T", "fastv", "random", "h2o"}
+    assert families == {"dense", "dynamic-llava I", "fastv", "fastv (K=2)", "random", "random (stage 3)",
+                        "centre prior", "oracle"}
+    questions = read_jsonl(tmp_path / "work" / "questions.jsonl")
+    assert len({scene_of(q) for q in questions}) == 2
+    targets = object_patches(chain / "data", "test")
+    mean_targets = sum(sum(targets[q["image"]][0]) for q in questions) / len(questions)
     for name, row in short.items():
-        expected = 64 if row["family"] in ("dense", "h2o") else math.floor(row["vision_keep_rate"] * 64 + 1e-6)
-        assert row["image_tokens_kept"] == expected, name  # every answer keeps exactly its budget
-        assert row["questions"] == 18 and set(row["per_type"]) == set(SHORT_ANSWER_TYPES)
+        if row["family"] == "dense":
+            expected = 64
+        elif row["family"] == "oracle":
+            expected = mean_targets  # exactly each image's target patches
+        else:
+            expected = max(1, math.floor(row["vision_keep_rate"] * 64 + 1e-6))
+        assert row["image_tokens_kept"] == pytest.approx(expected), name
+        assert row["questions"] == len(questions) and set(row["per_type"]) <= set(SHORT_ANSWER_TYPES)
+        assert row["checkpoint"] == ("stage3" if row["family"].startswith(("dynamic", "random (stage 3)")) or
+                                     name == "dense (stage 3)" else "stage2"), name
         assert set(row["pope"]) == {"random", "popular", "adversarial"}
-        assert flops[name]["kept_image_tokens"] == expected
+    assert short["oracle (target patches)"]["kept_objects"] == {"targets": 1.0, "distractors": 0.0}
+    assert short["dense (stage 2)"]["kept_objects"] is None  # nothing was selected
+    assert flops["fastv 0.2"]["kept_image_tokens"] == flops["dynamic-llava I 0.2"]["kept_image_tokens"] == 12
     # same budget, same paper-formula FLOPs; fewer image tokens, fewer FLOPs and a smaller cache
-    assert flops["fastv 0.2"]["paper_formula"] == flops["random 0.2"]["paper_formula"] == \
-        flops["dynamic-llava I 0.2"]["paper_formula"] < flops["dense"]["paper_formula"]
-    assert flops["random 0.1"]["exact"] < flops["random 0.2"]["exact"] < flops["random 0.5"]["exact"]
-    assert short["random 0.2"]["kv_cache_bytes"] < short["dense"]["kv_cache_bytes"]
+    assert flops["fastv 0.2"]["paper_formula"] == flops["random 0.2 seed 0"]["paper_formula"] == \
+        flops["dynamic-llava I 0.2"]["paper_formula"] < flops["dense (stage 2)"]["paper_formula"]
+    assert flops["random 0.1"]["exact"] < flops["random 0.2 seed 0"]["exact"] < flops["random 0.5"]["exact"]
+    assert short["random 0.2 seed 0"]["kv_cache_bytes"] < short["dense (stage 2)"]["kv_cache_bytes"]
+    assert [c["check"] for c in results["sanity_checks"]][0] == "dense >= majority + 30"
+    assert len(results["sanity_checks"]) == 4 and all(isinstance(c["passed"], bool) for c in results["sanity_checks"])
+    assert len(results["claims"]) == 3
+    assert all(c["low"] <= c["difference"] <= c["high"] for c in results["claims"])
     generation = results["generation"]
     assert {"dense", "h2o 0.5", "structure", "dynamic-llava I|T 0.2"} <= set(generation)
     assert all(len(row["kv_curve_bytes"]) > 0 for row in generation.values())
@@ -133,7 +153,8 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     assert all(sum(mask) == 12 for rule in masks.values() for mask in rule)
     for name in ("table.md", "accuracy_vs_flops.png", "kv_vs_output_length.png", "kept_patches.png"):
         assert (out / name).stat().st_size > 0, name
-    assert "| majority answer |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| majority answer |" in table and "Sanity checks" in table and "Claims" in table
 
 
 BENCH_MICRO_BATCHES = Path(__file__).resolve().parents[1] / "scripts" / "bench_micro_batches.py"

@@ -18,73 +18,100 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from ..errors import UserError
 
 VISION_BUDGETS = (0.1, 0.2, 0.5)
+CLAIM_BUDGET = 0.2  # the claims are stated at 20 % of the image tokens, the paper's setting
+RANDOM_SEEDS = (0, 1, 2, 3, 4)
+FASTV_PAPER_LAYER, FASTV_PAPER_KEEP = 2, 0.25  # FastV's own setting: K = 2, R = 75 % dropped
+ONE_TOKEN = 0.01  # a keep rate that leaves 1 token of an image of fewer than 200 patches
 OUTPUT_KEEP = 0.5
 DESCRIBE_MAX_NEW_TOKENS = 400  # descriptions are 150-340 tokens
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the comparison: a name, its family (plot series) and the inference flags that select it."""
+    """One row of the comparison: a name, its family (plot series), the checkpoint it runs on, and how it
+    picks image tokens: the runners' flags (`flags`), or one of the comparison's own reference rules
+    (`vision_rule` "oracle" / "centre", see reference_policies.py), which have no flags."""
 
     name: str
     family: str
-    flags: tuple[str, ...]
+    checkpoint: str  # "stage2": the dense LLaVA the training-free rules are applied to; "stage3": Dynamic-LLaVA
+    flags: tuple[str, ...] = ()
     vision_keep: float = 1.0
     vision_rule: str | None = None  # None: every image token (dense prefill)
+    sparse_layer: int | None = None  # where the image tokens are dropped (None: dense)
 
 
-def short_answer_methods() -> list[Method]:
-    """Dense; Dynamic-LLaVA I (vision only) and I|T (vision + output text); FastV; random; H2O (decoding)."""
-    methods = [Method("dense", "dense", ("--no-sparse",))]
-    for rate in VISION_BUDGETS:
-        r = f"{rate:g}"
-        methods += [
-            Method(f"dynamic-llava I {r}", "dynamic-llava I", ("--vision-keep-rate", r, "--no-output-sparsity"),
-                   rate, "predictor"),
-            Method(f"dynamic-llava I|T {r}", "dynamic-llava I|T", ("--vision-keep-rate", r), rate, "predictor"),
-            Method(f"fastv {r}", "fastv", ("--vision-policy", "fastv", "--vision-keep-rate", r,
-                                           "--no-output-sparsity"), rate, "fastv"),
-            Method(f"random {r}", "random", ("--vision-policy", "random", "--vision-keep-rate", r,
-                                             "--no-output-sparsity"), rate, "random"),
-        ]
-    methods.append(Method(f"h2o {OUTPUT_KEEP:g}", "h2o", ("--vision-keep-rate", "1", "--output-policy", "h2o",
-                                                         "--output-keep-rate", f"{OUTPUT_KEEP:g}")))
-    return methods
+def _vision_row(name: str, family: str, checkpoint: str, rule: str, rate: float, layer: int,
+                *extra: str) -> Method:
+    flags = () if rule in ("oracle", "centre") else (
+        "--vision-policy", rule, "--vision-keep-rate", f"{rate:g}", "--sparse-layer", str(layer),
+        "--no-output-sparsity", *extra)
+    return Method(name, family, checkpoint, flags, rate, rule, layer)
+
+
+def short_answer_methods(sparse_layer: int) -> list[Method]:
+    """Dense (stage 2 and stage 3); Dynamic-LLaVA I at each budget (stage 3); on the dense LLaVA (stage 2),
+    the training-free rules: FastV at the pruning layer and in its own setting, random (5 seeds at 20 %),
+    the centre prior, the oracle (exactly the target patches) and one random token per image; random at
+    20 % on stage 3 separates what stage 3's LLM learnt from what its predictor selects."""
+    k = sparse_layer
+    rows = [Method("dense (stage 2)", "dense", "stage2", ("--no-sparse",)),
+            Method("dense (stage 3)", "dense", "stage3", ("--no-sparse",))]
+    rows += [_vision_row(f"dynamic-llava I {r:g}", "dynamic-llava I", "stage3", "predictor", r, k)
+             for r in VISION_BUDGETS]
+    rows += [_vision_row(f"fastv {r:g}", "fastv", "stage2", "fastv", r, k) for r in VISION_BUDGETS]
+    rows.append(_vision_row(f"fastv K={FASTV_PAPER_LAYER} R={100 * (1 - FASTV_PAPER_KEEP):.0f}%", "fastv (K=2)",
+                            "stage2", "fastv", FASTV_PAPER_KEEP, FASTV_PAPER_LAYER))
+    rows += [_vision_row(f"random {CLAIM_BUDGET:g} seed {seed}", "random", "stage2", "random", CLAIM_BUDGET, k,
+                         "--policy-seed", str(seed)) for seed in RANDOM_SEEDS]
+    rows += [_vision_row(f"random {r:g}", "random", "stage2", "random", r, k)
+             for r in VISION_BUDGETS if r != CLAIM_BUDGET]
+    rows += [_vision_row(f"random {CLAIM_BUDGET:g} (stage 3)", "random (stage 3)", "stage3", "random",
+                         CLAIM_BUDGET, k),
+             _vision_row(f"centre prior {CLAIM_BUDGET:g}", "centre prior", "stage2", "centre", CLAIM_BUDGET, k),
+             _vision_row("oracle (target patches)", "oracle", "stage2", "oracle", CLAIM_BUDGET, k),
+             _vision_row("random 1 token", "random", "stage2", "random", ONE_TOKEN, k)]
+    return rows
 
 
 def generation_methods() -> list[Method]:
-    """The description runs: dense, Dynamic-LLaVA I / I|T at 20 % image tokens, the output-token baselines
-    (H2O, random, every other token) at 50 % with every image token, and FastV / random images at 20 %."""
+    """The description runs (on stage 3): dense, Dynamic-LLaVA I / I|T at 20 % image tokens, the
+    output-token baselines (H2O, random, every other token) at 50 % with every image token, and FastV /
+    random images at 20 %."""
     keep = f"{OUTPUT_KEEP:g}"
     return [
-        Method("dense", "dense", ("--no-sparse",)),
-        Method("dynamic-llava I 0.2", "dynamic-llava I", ("--vision-keep-rate", "0.2", "--no-output-sparsity"),
+        Method("dense", "dense", "stage3", ("--no-sparse",)),
+        Method("dynamic-llava I 0.2", "dynamic-llava I", "stage3", ("--vision-keep-rate", "0.2", "--no-output-sparsity"),
                0.2, "predictor"),
-        Method("dynamic-llava I|T 0.2", "dynamic-llava I|T", ("--vision-keep-rate", "0.2"), 0.2, "predictor"),
-        Method("dynamic-llava T", "dynamic-llava T", ("--vision-keep-rate", "1")),
-        Method(f"h2o {keep}", "h2o", ("--vision-keep-rate", "1", "--output-policy", "h2o", "--output-keep-rate", keep)),
-        Method(f"random output {keep}", "random output", ("--vision-keep-rate", "1", "--output-policy", "random",
-                                                          "--output-keep-rate", keep)),
-        Method("structure", "structure", ("--vision-keep-rate", "1", "--output-policy", "structure")),
-        Method("fastv 0.2", "fastv", ("--vision-policy", "fastv", "--vision-keep-rate", "0.2",
-                                      "--no-output-sparsity"), 0.2, "fastv"),
-        Method("random 0.2", "random", ("--vision-policy", "random", "--vision-keep-rate", "0.2",
-                                        "--no-output-sparsity"), 0.2, "random"),
+        Method("dynamic-llava I|T 0.2", "dynamic-llava I|T", "stage3", ("--vision-keep-rate", "0.2"), 0.2, "predictor"),
+        Method("dynamic-llava T", "dynamic-llava T", "stage3", ("--vision-keep-rate", "1")),
+        Method(f"h2o {keep}", "h2o", "stage3", ("--vision-keep-rate", "1", "--output-policy", "h2o",
+                                                "--output-keep-rate", keep)),
+        Method(f"random output {keep}", "random output", "stage3", ("--vision-keep-rate", "1", "--output-policy",
+                                                                    "random", "--output-keep-rate", keep)),
+        Method("structure", "structure", "stage3", ("--vision-keep-rate", "1", "--output-policy", "structure")),
+        Method("fastv 0.2", "fastv", "stage3", ("--vision-policy", "fastv", "--vision-keep-rate", "0.2",
+                                                "--no-output-sparsity"), 0.2, "fastv"),
+        Method("random 0.2", "random", "stage3", ("--vision-policy", "random", "--vision-keep-rate", "0.2",
+                                                  "--no-output-sparsity"), 0.2, "random"),
     ]
 
 
 def _slug(name: str) -> str:
-    return name.replace(" ", "_").replace("|", "").replace(".", "")
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _subset(data: Path, split: str, scenes: int, work: Path) -> tuple[Path, list[dict], list[dict]]:
@@ -92,12 +119,17 @@ def _subset(data: Path, split: str, scenes: int, work: Path) -> tuple[Path, list
     from ..eval.io import read_jsonl
 
     ids = {s["scene_id"] for s in read_jsonl(data / split / "scenes.jsonl")[:scenes]}
-    keep = lambda row: row["question_id"].rsplit("_", 1)[0] in ids  # noqa: E731 - ids are <scene_id>_<k>
+    keep = lambda row: scene_of(row) in ids  # noqa: E731
     questions = [q for q in read_jsonl(data / split / "questions.jsonl") if keep(q)]
     answers = [a for a in read_jsonl(data / split / "answers.jsonl") if keep(a)]
     path = work / "questions.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
     return path, questions, answers
+
+
+def scene_of(row: dict) -> str:
+    """Question ids are <scene_id>_<k>."""
+    return row["question_id"].rsplit("_", 1)[0]
 
 
 def _pope(data: Path, split: str, answers: list[dict], truth: list[dict]) -> dict[str, Any]:
@@ -115,53 +147,157 @@ def _pope(data: Path, split: str, answers: list[dict], truth: list[dict]) -> dic
     return out
 
 
-def run_short_answers(model: Path, data: Path, split: str, scenes: int, work: Path, batch_size: int,
-                      methods: list[Method]) -> dict[str, dict[str, Any]]:
-    from ..data.score_synth import score
-    from ..eval import model_vqa_loader
+def object_patches(data: Path, split: str) -> dict[str, tuple[list[bool], list[bool]]]:
+    """Per image file (relative to data/images): (target patches, distractor patches) over the patch grid."""
+    from ..data.scenes import GRID, scene_from_dict
     from ..eval.io import read_jsonl
 
-    question_file, _, truth = _subset(data, split, scenes, work)
-    results = {}
-    for method in methods:
-        answers_file = work / f"answers_{_slug(method.name)}.jsonl"
-        answers_file.unlink(missing_ok=True)  # a fresh run, not a resume of an older one
-        argv = ["--model-path", str(model), "--question-file", str(question_file),
-                "--image-folder", str(data / "images"), "--answers-file", str(answers_file),
-                "--conv-mode", "llava_v1", "--batch-size", str(batch_size), "--max-new-tokens", "8",
-                "--device", "cpu", *method.flags]
-        print(f"\n--- {method.name}: python -m dynamic_llava.eval.model_vqa_loader {shlex.join(argv)}", flush=True)
-        if model_vqa_loader.main(argv) != 0:
-            raise UserError(f"model_vqa_loader failed for {method.name}")
-        rows = read_jsonl(answers_file)
-        scores = score(rows, truth)
-        meta = [r["metadata"] for r in rows]
-        results[method.name] = {
-            "family": method.family, "flags": list(method.flags), "vision_keep_rate": method.vision_keep,
-            "per_type": {c: r["accuracy"] for c, r in scores["per_type"].items()},
-            "overall": scores["overall"]["accuracy"], "questions": scores["overall"]["questions"],
-            "pope": _pope(data, split, rows, [t for t in truth if t["category"] == "existence"]),
-            "image_tokens": statistics.mean(m["image_tokens"] for m in meta),
-            "image_tokens_kept": statistics.mean(m["image_tokens_kept"] for m in meta),
-            "kv_cache_bytes": statistics.mean(m["kv_cache_bytes"] for m in meta),
-            "kv_cache_bytes_dense": statistics.mean(m["kv_cache_bytes_dense"] for m in meta),
-        }
-    return results
+    out = {}
+    for row in read_jsonl(data / split / "scenes.jsonl"):
+        scene = scene_from_dict(row)
+        targets, distractors = [False] * GRID * GRID, [False] * GRID * GRID
+        for obj in scene.objects:
+            (targets if obj.is_target else distractors)[obj.row * GRID + obj.col] = True
+        out[row["image"]] = (targets, distractors)
+    return out
 
 
-def prefill_flops(model_config: Any, tower_config: Any, text_tokens: int, methods: list[Method]
-                  ) -> dict[str, dict[str, float]]:
-    """Paper formula and exact prefill FLOPs (batch 1, one image) per method at the demo model's shape."""
+class ShortAnswerRun:
+    """Answers the compared questions with every method of one checkpoint, in process: the same prompts and
+    `generate` call as `model_vqa_loader` (whose command line each row prints), with the policy chosen per
+    row, and each image's keep mask recorded."""
+
+    def __init__(self, checkpoint: Path, questions: list[dict], image_folder: Path, batch_size: int,
+                 patches: dict[str, tuple[list[bool], list[bool]]]) -> None:
+        from ..model.loading import load_pretrained_model
+        from ..prompting import prepare_request
+
+        self.checkpoint, self.questions, self.batch_size, self.patches = checkpoint, questions, batch_size, patches
+        self.tokenizer, self.model, processor, _ = load_pretrained_model(checkpoint, device="cpu")
+        self.base_sparse = dict(self.model.config.sparse_config or {})
+        self.requests = [prepare_request(q["text"], [image_folder / q["image"]], self.tokenizer, processor,
+                                         self.model.config, "llava_v1") for q in tqdm(questions, desc="prompts")]
+
+    def answer(self, method: Method) -> list[dict[str, Any]]:
+        """One answers row per question: text, efficiency stats, the image's keep mask."""
+        import torch
+
+        from ..generation import GenerationConfig, generate
+        from .reference_policies import CentrePrior, GivenPatches
+
+        self.model.config.sparse_config = dict(self.base_sparse)
+        if method.flags:
+            self.model.set_sparse(**_overrides(method.flags))
+        elif method.sparse_layer is not None:
+            self.model.set_sparse(sparse_layer=method.sparse_layer)
+        rows = []
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(self.requests), self.batch_size), desc=method.name, unit="batch"):
+                batch = self.requests[start:start + self.batch_size]
+                questions = self.questions[start:start + self.batch_size]
+                if method.vision_rule == "oracle":
+                    policy = GivenPatches([torch.tensor(self.patches[q["image"]][0]) for q in questions])
+                elif method.vision_rule == "centre":
+                    policy = CentrePrior(method.vision_keep)
+                else:
+                    policy = self.model.default_policy()
+                results = generate(self.model, self.tokenizer, [r.input_ids for r in batch],
+                                   [r.pixel_values for r in batch],
+                                   GenerationConfig(max_new_tokens=8, stop_strings=[batch[0].stop]), policy)
+                rows += [{"question_id": q["question_id"], "text": r.text.strip(), "metadata": r.efficiency_stats(),
+                          "image_keep": [bool(v) for v in r.image_keep[0]] if r.image_keep else None}
+                         for q, r in zip(questions, results)]
+        self.model.config.sparse_config = dict(self.base_sparse)
+        return rows
+
+
+def _overrides(flags: Sequence[str]) -> dict[str, Any]:
+    from ..sparsity_options import add_sparsity_arguments, sparsity_overrides
+
+    parser = argparse.ArgumentParser()
+    add_sparsity_arguments(parser)
+    return sparsity_overrides(parser.parse_args(list(flags)))
+
+
+def correctness(rows: list[dict], truth: list[dict]) -> list[float]:
+    """1.0 / 0.0 per ground-truth question (in `truth` order), as score_synth judges it."""
+    from ..eval.vqa_answer import normalize_answer
+
+    given = {r["question_id"]: normalize_answer(r["text"]) for r in rows}
+    return [float(given.get(t["question_id"]) == normalize_answer(str(t["answer"]))) for t in truth]
+
+
+def kept_objects(rows: list[dict], questions: list[dict],
+                 patches: dict[str, tuple[list[bool], list[bool]]]) -> dict[str, float] | None:
+    """Mean share of the image's target patches and of its distractor patches that the method kept."""
+    shares: dict[str, list[float]] = {"targets": [], "distractors": []}
+    for row, question in zip(rows, questions):
+        if row["image_keep"] is None:
+            return None
+        for name, cells in zip(shares, patches[question["image"]]):
+            n = sum(cells)
+            if n:
+                shares[name].append(sum(k and c for k, c in zip(row["image_keep"], cells)) / n)
+    return {name: statistics.mean(values) for name, values in shares.items()}
+
+
+def run_short_answers(chain: Path, data: Path, split: str, scenes: int, work: Path, batch_size: int,
+                      methods: list[Method]) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]], list[dict]]:
+    """Every method's scores; also each method's per-question correctness (truth order) and the truth."""
+    from ..data.score_synth import score
+
+    question_file, questions, truth = _subset(data, split, scenes, work)
+    by_id = {q["question_id"]: q for q in questions}
+    questions = [by_id[t["question_id"]] for t in truth]  # one order for answers, truth and correctness
+    patches = object_patches(data, split)
+    results, correct = {}, {}
+    for checkpoint in ("stage2", "stage3"):
+        run = ShortAnswerRun(chain / checkpoint, questions, data / "images", batch_size, patches)
+        for method in [m for m in methods if m.checkpoint == checkpoint]:
+            if method.flags:
+                print(f"\n--- {method.name}: python -m dynamic_llava.eval.model_vqa_loader --model-path "
+                      f"{chain / checkpoint} --question-file {question_file} --image-folder {data / 'images'} "
+                      f"--answers-file A.jsonl --conv-mode llava_v1 --batch-size {batch_size} --max-new-tokens 8 "
+                      f"--device cpu {shlex.join(method.flags)}", flush=True)
+            else:
+                print(f"\n--- {method.name}: in process only (demo/reference_policies.py)", flush=True)
+            rows = run.answer(method)
+            (work / f"answers_{_slug(method.name)}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            scores = score(rows, truth)
+            meta = [r["metadata"] for r in rows]
+            correct[method.name] = correctness(rows, truth)
+            results[method.name] = {
+                "family": method.family, "checkpoint": method.checkpoint, "flags": list(method.flags),
+                "vision_keep_rate": method.vision_keep, "sparse_layer": method.sparse_layer,
+                "per_type": {c: r["accuracy"] for c, r in scores["per_type"].items()},
+                "overall": scores["overall"]["accuracy"], "questions": scores["overall"]["questions"],
+                "held_out": scores.get("held_out", {}).get("accuracy"),
+                "pope": _pope(data, split, rows, [t for t in truth if t["category"] == "existence"]),
+                "image_tokens": statistics.mean(m["image_tokens"] for m in meta),
+                "image_tokens_kept": statistics.mean(m["image_tokens_kept"] for m in meta),
+                "kept_objects": kept_objects(rows, questions, patches),
+                "kv_cache_bytes": statistics.mean(m["kv_cache_bytes"] for m in meta),
+                "kv_cache_bytes_dense": statistics.mean(m["kv_cache_bytes_dense"] for m in meta),
+            }
+            print(f"    overall {100 * results[method.name]['overall']:.1f} %", flush=True)
+        del run
+    return results, correct, truth
+
+
+def prefill_flops(model_config: Any, tower_config: Any, text_tokens: int, methods: list[Method],
+                  short: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Paper formula and exact prefill FLOPs (batch 1, one image) per method at the demo model's shape, for
+    the mean image tokens each method kept (the oracle's count varies with the image)."""
     from ..bench import flops
 
     shape = flops.shape_from_configs(model_config, tower_config)
     n_image = (tower_config.image_size // tower_config.patch_size) ** 2
-    sparse_layer = model_config.sparse.sparse_layer
     out = {}
     for method in methods:
-        kept = math.floor(method.vision_keep * n_image + 1e-6)
+        kept = round(short[method.name]["image_tokens_kept"])
         schedule = (flops.Schedule(method.name, 0, n_image) if method.vision_rule is None else
-                    flops.Schedule(method.name, sparse_layer, kept, method.vision_rule == "predictor"))
+                    flops.Schedule(method.name, method.sparse_layer, kept, method.vision_rule == "predictor"))
         out[method.name] = {
             "kept_image_tokens": schedule.kept_image_tokens,
             "paper_formula": flops.paper_formula_flops(shape, schedule, n_image),
@@ -196,19 +332,15 @@ def run_generation(model_path: Path, data: Path, split: str, samples: int, curve
     from ..eval.generation_ability import aggregate, evaluate_sample, load_meteor, read_samples
     from ..model.loading import load_pretrained_model
     from ..prompting import prepare_request
-    from ..sparsity_options import add_sparsity_arguments, sparsity_overrides
 
     meteor, note = load_meteor()
     rows = read_samples(str(data / split / "describe.jsonl"), str(data / "images"), samples)
-    parser = argparse.ArgumentParser()
-    add_sparsity_arguments(parser)
     results = {}
     for method in methods:
-        flags = parser.parse_args(list(method.flags))
         print(f"\n--- {method.name}: python -m dynamic_llava.eval.generation_ability --model-path {model_path} "
               f"--question-file {data / split / 'describe.jsonl'} --image-folder {data / 'images'} "
               f"--limit {samples} --max-new-tokens {max_new_tokens} {shlex.join(method.flags)}", flush=True)
-        tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", **sparsity_overrides(flags))
+        tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", **_overrides(method.flags))
         args = argparse.Namespace(image_folder=str(data / "images"), conv_mode="llava_v1",
                                   max_new_tokens=max_new_tokens)
         per_sample = [evaluate_sample(model, tokenizer, processor, s, args, meteor) for s in rows]
@@ -248,12 +380,62 @@ def kept_patch_masks(model_path: Path, data: Path, split: str, images: int, rate
     return paths, masks
 
 
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], scenes: Sequence[str], resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> dict[str, float]:
+    """Accuracy difference a - b (points) with a 95 % percentile interval, resampling whole scenes (their
+    questions share one image, so they are not independent) with replacement."""
+    import numpy as np
+
+    index = {s: i for i, s in enumerate(dict.fromkeys(scenes))}
+    group = np.array([index[s] for s in scenes])
+    diff = np.bincount(group, weights=np.asarray(a) - np.asarray(b), minlength=len(index))
+    count = np.bincount(group, minlength=len(index))
+    draws = np.random.default_rng(seed).integers(0, len(index), size=(resamples, len(index)))
+    samples = diff[draws].sum(1) / count[draws].sum(1)
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return {"difference": 100 * float(diff.sum() / count.sum()), "low": 100 * float(low), "high": 100 * float(high)}
+
+
+def mean_of(correct: dict[str, list[float]], names: Sequence[str]) -> list[float]:
+    """Per-question mean correctness over several rows (e.g. the random seeds)."""
+    return [statistics.mean(values) for values in zip(*(correct[n] for n in names))]
+
+
+def sanity_checks(short: dict[str, dict[str, Any]], majority: float) -> list[dict[str, Any]]:
+    """Does the benchmark measure token selection at all? On the dense stage-2 model: it must read the
+    image, lose most of it with one token per image and much of it with a random 20 %, and lose nothing
+    when exactly the target patches are kept. A failure means information leaks past the dropped tokens."""
+    dense = short["dense (stage 2)"]["overall"]
+    random_20 = statistics.mean(short[f"random {CLAIM_BUDGET:g} seed {s}"]["overall"] for s in RANDOM_SEEDS)
+    checks = [("dense >= majority + 30", dense - majority, 30.0),
+              ("1 random token per image <= dense - 30", dense - short["random 1 token"]["overall"], 30.0),
+              (f"random {100 * CLAIM_BUDGET:.0f} % (5 seeds) <= dense - 10", dense - random_20, 10.0),
+              ("oracle (target patches) >= dense - 2", short["oracle (target patches)"]["overall"] - dense, -2.0)]
+    return [{"check": name, "points": 100 * value, "bound": bound, "passed": 100 * value >= bound - 1e-9}
+            for name, value, bound in checks]
+
+
+def claims(correct: dict[str, list[float]], scenes: Sequence[str]) -> list[dict[str, Any]]:
+    """The claims fixed before the run, at 20 % of the image tokens, each with its paired interval."""
+    ours = correct[f"dynamic-llava I {CLAIM_BUDGET:g}"]
+    randoms = mean_of(correct, [f"random {CLAIM_BUDGET:g} seed {s}" for s in RANDOM_SEEDS])
+    rows = [
+        ("Dynamic-LLaVA >= dense (stage 2) - 2", paired_bootstrap(ours, correct["dense (stage 2)"], scenes), -2.0, False),
+        ("Dynamic-LLaVA >= FastV + 3, interval excluding 0",
+         paired_bootstrap(ours, correct[f"fastv {CLAIM_BUDGET:g}"], scenes), 3.0, True),
+        ("Dynamic-LLaVA >= random (5 seeds) + 5", paired_bootstrap(ours, randoms, scenes), 5.0, False),
+    ]
+    return [{"claim": name, **interval, "bound": bound,
+             "met": interval["difference"] >= bound and (not excludes_zero or interval["low"] > 0)}
+            for name, interval, bound, excludes_zero in rows]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chain", required=True, help="a `demo train` output folder (stage3/ and data/ inside)")
+    parser.add_argument("--chain", required=True, help="a `demo train` output folder (stage2/, stage3/, data/)")
     parser.add_argument("--out", required=True, help="folder for results.json, table.md and the PNGs")
     parser.add_argument("--work", default=None, help="folder for per-method answer files (default: CHAIN/compare)")
     parser.add_argument("--split", choices=["test", "val"], default="test")
-    parser.add_argument("--scenes", type=int, default=200, help="scenes of the split for the short answers")
+    parser.add_argument("--scenes", type=int, default=500, help="scenes of the split for the short answers")
     parser.add_argument("--describe-samples", type=int, default=20, help="descriptions for PPL / METEOR")
     parser.add_argument("--curve-samples", type=int, default=5, help="descriptions averaged in the KV curve")
     parser.add_argument("--mask-images", type=int, default=4, help="images in the kept-patch figure")
@@ -268,8 +450,9 @@ def run(args: argparse.Namespace) -> int:
 
     chain, out = Path(args.chain), Path(args.out)
     model, data = chain / "stage3", chain / "data"
-    if not (model / "config.json").is_file() or not (data / args.split / "scenes.jsonl").is_file():
-        raise UserError(f"{chain} is not a `dynamic-llava demo train` output (needs stage3/ and data/)")
+    if not all((chain / stage / "config.json").is_file() for stage in ("stage2", "stage3")) \
+            or not (data / args.split / "scenes.jsonl").is_file():
+        raise UserError(f"{chain} is not a `dynamic-llava demo train` output (needs stage2/, stage3/ and data/)")
     for flag, value in (("--scenes", args.scenes), ("--describe-samples", args.describe_samples),
                         ("--curve-samples", args.curve_samples), ("--mask-images", args.mask_images),
                         ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
@@ -280,22 +463,26 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = json.loads((chain / "summary.json").read_text()) if (chain / "summary.json").is_file() else {}
 
-    methods = short_answer_methods()
-    short = run_short_answers(model, data, args.split, args.scenes, work, args.batch_size, methods)
     _, loaded, _, _ = load_pretrained_model(model, device="cpu")
+    sparse_layer = loaded.config.sparse.sparse_layer
+    methods = short_answer_methods(sparse_layer)
+    short, correct, truth = run_short_answers(chain, data, args.split, args.scenes, work, args.batch_size, methods)
+    majority = _majority(data, args.split, args.scenes, work)
+    checks = sanity_checks(short, majority["overall"])
+    stated = claims(correct, [scene_of(t) for t in truth])
     tower = loaded.model.vision_tower.vision_tower.config
     text_tokens = _prompt_text_tokens(model, data, args.split, work)
-    flops = prefill_flops(loaded.config, tower, text_tokens, methods)
+    flops = prefill_flops(loaded.config, tower, text_tokens, methods, short)
     generation = run_generation(model, data, args.split, args.describe_samples, args.curve_samples,
                                 generation_methods(), args.max_new_tokens)
     paths, masks = kept_patch_masks(model, data, args.split, args.mask_images, 0.2)
     results = {
-        "model": str(model), "split": args.split, "scenes": args.scenes,
-        "majority_baseline": _majority(data, args.split, args.scenes, work),
+        "model": str(model), "dense_model": str(chain / "stage2"), "split": args.split, "scenes": args.scenes,
+        "majority_baseline": majority, "sanity_checks": checks, "claims": stated,
         "shape": {"llm_hidden": loaded.config.hidden_size, "llm_layers": loaded.config.num_hidden_layers,
                   "tower_hidden": tower.hidden_size, "tower_layers": tower.num_hidden_layers,
-                  "image_tokens": short["dense"]["image_tokens"], "prompt_text_tokens": text_tokens,
-                  "sparse_layer": loaded.config.sparse.sparse_layer},
+                  "image_tokens": short["dense (stage 2)"]["image_tokens"], "prompt_text_tokens": text_tokens,
+                  "sparse_layer": sparse_layer},
         "short_answers": short, "prefill_flops": flops, "generation": generation,
         "kept_patches": {"images": [str(p) for p in paths], "vision_keep_rate": 0.2, "masks": masks},
         "chain_summary": {k: summary.get(k) for k in ("recipe", "timings", "total_seconds")},

@@ -16,19 +16,41 @@ def _pct(value: float | None) -> str:
 
 def short_answer_table(results: dict[str, Any]) -> str:
     majority, short, flops = results["majority_baseline"], results["short_answers"], results["prefill_flops"]
-    header = ["method", "image tokens kept", *SHORT_ANSWER_TYPES, "overall", "POPE F1 (mean)",
-              "prefill GFLOPs, paper formula", "prefill GFLOPs, exact", "KV KiB / answer"]
+    header = ["method", "model", "image tokens kept", *SHORT_ANSWER_TYPES, "overall", "held-out pairs",
+              "target / distractor patches kept %", "POPE F1 (mean)", "prefill GFLOPs, paper formula",
+              "prefill GFLOPs, exact", "KV KiB / answer"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| majority answer | - | " + " | ".join(_pct(majority["per_type"][c]) for c in SHORT_ANSWER_TYPES)
-                 + f" | {_pct(majority['overall'])} | - | - | - | - |")
+    lines.append("| majority answer | - | - | " + " | ".join(_pct(majority["per_type"].get(c)) for c in SHORT_ANSWER_TYPES)
+                 + f" | {_pct(majority['overall'])} | - | - | - | - | - | - |")
     for name, row in short.items():
         pope = row["pope"]
         f1 = sum(p["f1"] for p in pope.values()) / len(pope) if pope else None
-        cells = [name, f"{row['image_tokens_kept']:.1f} / {row['image_tokens']:.0f}",
-                 *(_pct(row["per_type"].get(c)) for c in SHORT_ANSWER_TYPES), _pct(row["overall"]), _pct(f1),
+        kept = row["kept_objects"]
+        objects = "-" if kept is None else f"{_pct(kept['targets'])} / {_pct(kept['distractors'])}"
+        cells = [name, row["checkpoint"].replace("stage", "stage "),
+                 f"{row['image_tokens_kept']:.1f} / {row['image_tokens']:.0f}",
+                 *(_pct(row["per_type"].get(c)) for c in SHORT_ANSWER_TYPES), _pct(row["overall"]),
+                 _pct(row["held_out"]), objects, _pct(f1),
                  f"{flops[name]['paper_formula'] / GIGA:.3f}", f"{flops[name]['exact'] / GIGA:.3f}",
                  f"{row['kv_cache_bytes'] / 1024:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sanity_table(results: dict[str, Any]) -> str:
+    lines = ["| check (dense stage-2 model) | measured (points) | bound | passed |", "|---|---|---|---|"]
+    for check in results["sanity_checks"]:
+        lines.append(f"| {check['check']} | {check['points']:+.1f} | {check['bound']:+.0f} | "
+                     f"{'yes' if check['passed'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def claims_table(results: dict[str, Any]) -> str:
+    lines = ["| claim (20 % of image tokens) | difference (points) | 95 % interval (scene bootstrap) | met |",
+             "|---|---|---|---|"]
+    for claim in results["claims"]:
+        lines.append(f"| {claim['claim']} | {claim['difference']:+.1f} | [{claim['low']:+.1f}, {claim['high']:+.1f}] | "
+                     f"{'yes' if claim['met'] else '**no**'} |")
     return "\n".join(lines)
 
 
@@ -142,6 +164,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"{shape['tower_layers']} x {shape['tower_hidden']}, {shape['image_tokens']:.0f} image tokens, "
             f"{shape['prompt_text_tokens']} prompt text tokens, sparse layer {shape['sparse_layer']}); "
             f"{results['split']} split, {results['scenes']} scenes.", "",
+            "Sanity checks (is token selection measurable here?):", "", sanity_table(results), "",
+            "Claims:", "", claims_table(results), "",
             "Short answers (accuracy %):", "", short_answer_table(results), "",
             "POPE (existence questions):", "", pope_table(results), "",
             "Long descriptions:", "", generation_table(results), ""]

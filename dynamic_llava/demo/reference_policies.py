@@ -1,0 +1,60 @@
+"""Two image-token rules that only the demo comparison uses, as bounds around the learned selection.
+
+- `GivenPatches` (the oracle): keeps exactly the patches it is given for each image (the scene's target
+  patches, which the generator knows), so a model that reads the targets well loses nothing with it;
+- `CentrePrior`: keeps the budget's patches nearest the image centre whatever the image shows, the
+  "where things usually are" prior that needs no model at all.
+
+Both follow `model.policy.TokenPolicy`: text is always kept, generated tokens too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..model.batch import IMAGE, TokenBatch
+from ..model.policy import AttentionProbe, image_token_index, images_top_k
+
+
+class GivenPatches:
+    """Keeps, of the i-th image of the batch (batch order), the patches where `masks[i]` is True."""
+
+    def __init__(self, masks: list[torch.Tensor]) -> None:
+        self.masks = masks
+
+    def select(self, hidden: torch.Tensor, batch: TokenBatch, probe: AttentionProbe | None = None) -> torch.Tensor:
+        keep = batch.valid.clone()
+        if bool((batch.kinds == IMAGE).any()):  # decoding steps hold no image tokens
+            samples, slots = image_token_index(batch)
+            keep[samples, slots] = torch.stack(self.masks).to(keep.device)
+        return keep
+
+
+class CentrePrior:
+    """Keeps floor(keep_rate x N) patches of each image, nearest the centre of its square patch grid first
+    (ties broken by reading order)."""
+
+    def __init__(self, keep_rate: float) -> None:
+        self.keep_rate = keep_rate
+
+    def select(self, hidden: torch.Tensor, batch: TokenBatch, probe: AttentionProbe | None = None) -> torch.Tensor:
+        keep = batch.valid.clone()
+        if bool((batch.kinds == IMAGE).any()):
+            samples, slots = image_token_index(batch)
+            scores = centre_scores(slots.shape[1]).to(hidden.device)
+            keep[samples, slots] = images_top_k(scores.expand(slots.shape), self.keep_rate)
+        return keep
+
+
+def centre_scores(n_patches: int) -> torch.Tensor:
+    """[N] ranking scores of a square grid of N patches: minus the distance to the centre, ties by index."""
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise ValueError(f"the centre prior needs a square patch grid, got {n_patches} patches")
+    index = torch.arange(n_patches)
+    row, col = (index // side).double(), (index % side).double()
+    centre = (side - 1) / 2
+    distance = ((row - centre) ** 2 + (col - centre) ** 2).sqrt()
+    return -distance - index.double() * 1e-6

@@ -1,0 +1,82 @@
+"""The comparison's statistics and reference rules: scene-paired bootstrap, sanity checks and claims, the
+oracle and centre-prior policies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamic_llava.demo.compare import RANDOM_SEEDS, claims, paired_bootstrap, sanity_checks
+from dynamic_llava.demo.reference_policies import CentrePrior, GivenPatches, centre_scores
+from dynamic_llava.model.batch import IMAGE, TEXT, TokenBatch
+
+
+def test_bootstrap_interval_brackets_the_difference_and_resamples_scenes() -> None:
+    scenes = [f"s{i // 3}" for i in range(300)]  # 100 scenes of 3 questions
+    a = [1.0] * 300
+    assert paired_bootstrap(a, a, scenes) == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    b = [float(i % 2) for i in range(300)]
+    result = paired_bootstrap(a, b, scenes)
+    assert result["low"] < result["difference"] < result["high"]
+    assert result["difference"] == pytest.approx(50.0)
+    # Whole scenes either all right or all wrong: resampling scenes, not questions, widens the interval
+    clustered = [float((i // 3) % 2) for i in range(300)]
+    by_scene = paired_bootstrap(a, clustered, scenes)
+    by_question = paired_bootstrap(a, clustered, [str(i) for i in range(300)])
+    assert by_scene["high"] - by_scene["low"] > 1.3 * (by_question["high"] - by_question["low"])
+
+
+def _short(dense: float, one_token: float, random: float, oracle: float, ours: float = 0.0, fastv: float = 0.0
+           ) -> dict[str, dict[str, float]]:
+    rows = {"dense (stage 2)": dense, "random 1 token": one_token, "oracle (target patches)": oracle,
+            "dynamic-llava I 0.2": ours, "fastv 0.2": fastv}
+    rows |= {f"random 0.2 seed {s}": random for s in RANDOM_SEEDS}
+    return {name: {"overall": value} for name, value in rows.items()}
+
+
+def test_sanity_checks_fail_when_the_benchmark_leaks() -> None:
+    good = sanity_checks(_short(0.8, 0.4, 0.6, 0.79), majority=0.3)
+    assert all(c["passed"] for c in good)
+    leaky = sanity_checks(_short(0.8, 0.7, 0.78, 0.8), majority=0.3)
+    assert [c["passed"] for c in leaky] == [True, False, False, True]
+    assert not sanity_checks(_short(0.8, 0.4, 0.6, 0.75), majority=0.3)[3]["passed"]  # oracle 5 points down
+
+
+def test_claims_need_the_interval_to_exclude_zero_against_fastv() -> None:
+    scenes = [f"s{i}" for i in range(200)]
+    ours = [1.0] * 200
+    correct = {"dynamic-llava I 0.2": ours, "dense (stage 2)": ours, "fastv 0.2": [0.0] * 20 + [1.0] * 180}
+    correct |= {f"random 0.2 seed {s}": [0.0] * 100 + [1.0] * 100 for s in RANDOM_SEEDS}
+    met = {c["claim"]: c for c in claims(correct, scenes)}
+    fastv = met["Dynamic-LLaVA >= FastV + 3, interval excluding 0"]
+    assert fastv["difference"] == pytest.approx(10.0) and fastv["low"] > 0 and fastv["met"]
+    assert met["Dynamic-LLaVA >= random (5 seeds) + 5"]["met"]
+    correct["fastv 0.2"] = [0.0] * 2 + [1.0] * 198  # 1 point better only
+    assert not {c["claim"]: c for c in claims(correct, scenes)}["Dynamic-LLaVA >= FastV + 3, interval excluding 0"]["met"]
+
+
+def _batch(n_images: int, n_patches: int) -> TokenBatch:
+    """Per sample: 2 text tokens, then one image of n_patches tokens."""
+    t = 2 + n_patches
+    kinds = torch.full((n_images, t), TEXT)
+    kinds[:, 2:] = IMAGE
+    image_ids = torch.full((n_images, t), -1)
+    image_ids[:, 2:] = torch.arange(n_images)[:, None]
+    positions = torch.arange(t).expand(n_images, t)
+    return TokenBatch(torch.zeros(n_images, t, 4), positions, torch.full((n_images,), t), kinds, image_ids)
+
+
+def test_centre_prior_keeps_the_central_patches_and_the_text() -> None:
+    scores = centre_scores(16)
+    assert set(scores.topk(4).indices.tolist()) == {5, 6, 9, 10}  # the 2 x 2 centre of a 4 x 4 grid
+    keep = CentrePrior(0.25).select(torch.zeros(2, 18, 4), _batch(2, 16))
+    assert keep[:, :2].all() and keep[:, 2:].sum(1).tolist() == [4, 4]
+    assert keep[0, 2 + 5] and not keep[0, 2]
+    with pytest.raises(ValueError):
+        centre_scores(15)
+
+
+def test_given_patches_keeps_exactly_them_per_image() -> None:
+    masks = [torch.tensor([True, False, False, True]), torch.tensor([False, False, True, False])]
+    keep = GivenPatches(masks).select(torch.zeros(2, 6, 4), _batch(2, 4))
+    assert keep[:, 2:].tolist() == [m.tolist() for m in masks] and keep[:, :2].all()
