@@ -47,9 +47,11 @@ def test_a_patch_slot_sums_the_embeddings_of_its_object_words(parts: Path) -> No
         assert torch.allclose(slots[row, col], 2 * word("background"), atol=1e-6)
 
 
-def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("select_layer", [-1, -2])
+def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_path: Path, select_layer: int) -> None:
     out = tmp_path / "stage1"
-    result = align_projector(parts / "data", parts / "llm", parts / "tower", out, steps=80, lr=3e-3, batch_size=8)
+    result = align_projector(parts / "data", parts / "llm", parts / "tower", out, steps=80, lr=3e-3, batch_size=8,
+                             select_layer=select_layer)
     losses = [loss for _, loss in result["loss_history"]]
     assert losses[-1] < 0.5 * losses[0]
     assert 0.0 < result["val"]["cosine"] <= 1.0 and result["val"]["mse"] > 0.0
@@ -57,7 +59,7 @@ def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_pat
     assert set(saved) == {f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     _, model, _, _ = load_pretrained_model(out, model_base=parts / "llm", sparse=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    assert model.config.mm_vision_select_layer == -1 and model.config.image_aspect_ratio == "pad"
+    assert model.config.mm_vision_select_layer == select_layer and model.config.image_aspect_ratio == "pad"
 
 
 def test_stages_0_and_1_share_one_load_of_the_images(parts: Path, tmp_path: Path, monkeypatch) -> None:

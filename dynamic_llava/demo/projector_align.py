@@ -60,17 +60,18 @@ def _features(tower: nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> t
 
 def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps: int = 4000, lr: float = 1e-3,
                     batch_size: int = 256, seed: int = 0, projector_type: str = "mlp2x_gelu",
-                    splits: SceneSplits | None = None) -> dict[str, Any]:
+                    select_layer: int = -1, splits: SceneSplits | None = None) -> dict[str, Any]:
     """Fit a fresh projector between `tower` (a CLIP folder) and the plain LLM `llm` to the slots of
     `data_dir`'s training scenes (batches of `batch_size` images, every patch); save it in `out`. Returns
     the loss history and, when `data_dir` has a val split, the held-out mean squared error and mean cosine
-    similarity of projected patches to their slots. `splits`: `data_dir`'s images already loaded (with
-    the tower's image processor; by default they are loaded here)."""
+    similarity of projected patches to their slots. `select_layer`: the tower's hidden state the projector
+    reads (LLaVA's `mm_vision_select_layer`, written to the saved config). `splits`: `data_dir`'s images
+    already loaded (with the tower's image processor; by default they are loaded here)."""
     began = time.perf_counter()
     random.seed(seed)
     torch.manual_seed(seed)
     tokenizer, model, processor = load_base_llm(llm, str(tower), dtype=torch.float32, mm_projector_type=projector_type,
-                                                mm_vision_select_layer=-1, mm_vision_select_feature="patch")
+                                                mm_vision_select_layer=select_layer, mm_vision_select_feature="patch")
     vision, projector = model.model.vision_tower, model.model.mm_projector
     tables = slot_tables(tokenizer, model.model.embed_tokens.weight.detach())
     size, patch = vision.vision_tower.config.image_size, vision.vision_tower.config.patch_size
