@@ -3,7 +3,7 @@
 0. data: the synthetic shapes benchmark (`data synth`) in DIR/data;
 1. start: a tiny plain LLaMA and a tiny, randomly initialised CLIP tower (DIR/start);
 2. stage 0, the tower's pre-training (there is no pre-trained CLIP here): supervised by the scene
-   specs, per patch and per image (`tower_pretrain`): DIR/stage0, a CLIP folder;
+   specs, per patch only (`tower_pretrain`): DIR/stage0, a CLIP folder;
 3. stage 1, feature alignment: the projector alone, regressed onto the start LLM's word embeddings of
    each patch's object attributes (`projector_align`; DIR/stage1/mm_projector.bin);
 4. stage 2, instruction tuning: the LLM, the tower and the aligned projector frozen, `v1` template: the
