@@ -46,12 +46,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_pretraining_lowers_the_loss_and_saves_a_loadable_changed_tower(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])  # fp32: CPUs without native bf16
+def test_pretraining_lowers_the_loss_and_saves_a_loadable_changed_tower(data: Path, tmp_path: Path, bf16: bool) -> None:
     tower_dir, out_dir = tmp_path / "tower", tmp_path / "pretrained"
     write_tiny_clip_tower(tower_dir, seed=0, image_size=112, patch_size=14, hidden_size=32, num_layers=2,
                           num_heads=4, intermediate_size=64)
     result = pretrain_tower(data, tower_dir, out_dir, steps=40, lr=3e-3, batch_size=8, seed=0, warmup_steps=5,
-                            log_every=10)
+                            log_every=10, bf16=bf16)
     losses = [loss for _, loss in result["loss_history"]]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
     assert set(result["val"]) == {"colour_accuracy_object_patches", "shape_accuracy_object_patches",

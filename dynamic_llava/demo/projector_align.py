@@ -49,23 +49,25 @@ def patch_slots(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def _features(tower: nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """The tower's selected patch features of every image, [n, patches, mm_hidden] (bf16, as in training)."""
+def _features(tower: nn.Module, pixels: torch.Tensor, bf16: bool, batch_size: int = 64) -> torch.Tensor:
+    """The tower's selected patch features of every image, [n, patches, mm_hidden] (bf16 storage; computed in
+    bf16 when `bf16`, as in training)."""
     chunks = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="tower features", unit="batch"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             chunks.append(tower(pixels[start:start + batch_size]).to(torch.bfloat16))
     return torch.cat(chunks)
 
 
 def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps: int = 4000, lr: float = 1e-3,
                     batch_size: int = 256, seed: int = 0, projector_type: str = "mlp2x_gelu",
-                    select_layer: int = -1, splits: SceneSplits | None = None) -> dict[str, Any]:
+                    select_layer: int = -1, bf16: bool = True, splits: SceneSplits | None = None) -> dict[str, Any]:
     """Fit a fresh projector between `tower` (a CLIP folder) and the plain LLM `llm` to the slots of
     `data_dir`'s training scenes (batches of `batch_size` images, every patch); save it in `out`. Returns
     the loss history and, when `data_dir` has a val split, the held-out mean squared error and mean cosine
     similarity of projected patches to their slots. `select_layer`: the tower's hidden state the projector
-    reads (LLaVA's `mm_vision_select_layer`, written to the saved config). `splits`: `data_dir`'s images
+    reads (LLaVA's `mm_vision_select_layer`, written to the saved config). `bf16`: the tower and the MLP
+    compute in bf16 autocast (fast where the CPU runs bf16 natively). `splits`: `data_dir`'s images
     already loaded (with the tower's image processor; by default they are loaded here)."""
     began = time.perf_counter()
     random.seed(seed)
@@ -78,7 +80,7 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     if splits is None:
         splits = SceneSplits(data_dir, processor, size, patch)
     pixels, labels = splits["train"]
-    features = _features(vision, pixels)
+    features = _features(vision, pixels, bf16)
     # Every image's slots up front ([n, patches, C], ~1 GB for the chain's 16000 images): a step is then one
     # gather, and with the MLP in bf16 (fp32 weights) a step takes ~1/3 of the time
     slots = patch_slots(labels, tables)
@@ -93,7 +95,7 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     history = LossHistory(progress, steps, every=max(1, steps // 40), fmt=".2e")
     for step in progress:
         batch = torch.randint(len(features), (min(batch_size, len(features)),), generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             predicted = projector(features[batch])
         loss = nn.functional.mse_loss(predicted.float(), slots[batch])
         optimizer.zero_grad(set_to_none=True)
@@ -105,7 +107,7 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     if splits.has("val"):
         val_pixels, val_labels = splits["val"]
         with torch.no_grad():
-            predicted = projector(_features(vision, val_pixels).float())
+            predicted = projector(_features(vision, val_pixels, bf16).float())
         target = patch_slots(val_labels, tables)
         result["val"] = {"mse": nn.functional.mse_loss(predicted, target).item(),
                          "cosine": nn.functional.cosine_similarity(predicted, target, dim=-1).mean().item()}

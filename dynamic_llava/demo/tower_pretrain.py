@@ -110,13 +110,13 @@ def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) ->
 
 @torch.no_grad()
 def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
-              select_layer: int, batch_size: int) -> dict[str, float]:
+              select_layer: int, batch_size: int, bf16: bool) -> dict[str, float]:
     """Held-out accuracy: per-patch attributes on object patches only (background is most patches), and
     whether a patch is told apart as object / background and as target (coloured) / anything else."""
     tower.eval()
     predicted: dict[str, list[torch.Tensor]] = {head: [] for head in labels}
     for start in range(0, len(pixels), batch_size):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = tower(pixels[start:start + batch_size], output_hidden_states=True)
             logits = heads(out.hidden_states[select_layer][:, 1:])
         for head, value in logits.items():
@@ -148,24 +148,28 @@ def _save_tower(tower: nn.Module, tower_dir: Path, out_dir: Path) -> None:
 
 def pretrain_tower(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int = 800, lr: float = 1e-3,
                    batch_size: int = 32, seed: int = 0, select_layer: int = -1, warmup_steps: int = 50,
-                   log_every: int = 50, threads: int | None = 1, splits: SceneSplits | None = None) -> dict[str, Any]:
+                   log_every: int = 50, threads: int | None = 1, bf16: bool = True,
+                   splits: SceneSplits | None = None) -> dict[str, Any]:
     """Train the CLIP tower in `tower_dir` on `data_dir`'s training scenes (a `data synth` folder); save it to
     `out_dir`. Returns the loss history (every `log_every` steps), held-out accuracy of the heads on the
     val split when there is one, and the wall time. `threads`: torch's intra-op threads meanwhile (None:
-    leave them), one by default because the demo shares a small CPU. `splits`: `data_dir`'s images already
+    leave them), one by default because the demo shares a small CPU. `bf16`: compute in bf16 autocast (fast
+    where the CPU runs bf16 natively). `splits`: `data_dir`'s images already
     loaded (by default they are loaded here)."""
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _pretrain(data_dir, tower_dir, out_dir, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                         select_layer=select_layer, warmup_steps=warmup_steps, log_every=log_every, splits=splits)
+                         select_layer=select_layer, warmup_steps=warmup_steps, log_every=log_every, bf16=bf16,
+                         splits=splits)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr: float, batch_size: int, seed: int,
-              select_layer: int, warmup_steps: int, log_every: int, splits: SceneSplits | None) -> dict[str, Any]:
+              select_layer: int, warmup_steps: int, log_every: int, bf16: bool,
+              splits: SceneSplits | None) -> dict[str, Any]:
     began = time.perf_counter()
     random.seed(seed)
     np.random.seed(seed)
@@ -186,7 +190,7 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     history = LossHistory(progress, steps, every=log_every, fmt=".3f")
     for step in progress:
         batch = torch.randint(len(pixels), (batch_size,), generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = tower(pixels[batch], output_hidden_states=True)
             logits = heads(out.hidden_states[select_layer][:, 1:])
         loss = _losses(logits, {head: value[batch] for head, value in labels.items()})
@@ -200,6 +204,6 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     result: dict[str, Any] = {"steps": steps, "loss_history": history.rows, "train_images": len(pixels)}
     if splits.has("val"):
         val_pixels, val_labels = splits["val"]
-        result["val"] = _evaluate(tower, heads, val_pixels, val_labels, select_layer, batch_size)
+        result["val"] = _evaluate(tower, heads, val_pixels, val_labels, select_layer, batch_size, bf16)
     result["seconds"] = round(time.perf_counter() - began, 1)
     return result

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..cpu_features import native_bf16
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class Recipe:
     predictor_d_model: int = 128
     predictor_heads: int = 4
     predictor_ff: int = 512
-    bf16: bool = True
+    bf16: bool | None = None  # None: bf16 where the CPU runs it natively (AMX / AVX512-BF16), else fp32
     eval_batch_size: int = 32
     # The test factory's N(0, 0.1) init saturates attention at width 256; trained from scratch, the LLM
     # learns to condition answers on the question far faster from the usual N(0, 0.02)
@@ -150,7 +151,7 @@ def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int, splits
 
     result = pretrain_tower(data, start / "vision_tower", out, steps=recipe.tower_steps, lr=recipe.tower_lr,
                             batch_size=recipe.tower_batch_size, seed=seed, threads=None,
-                            select_layer=recipe.select_layer, splits=splits)
+                            select_layer=recipe.select_layer, bf16=recipe.bf16, splits=splits)
     (out / "pretrain_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -163,7 +164,7 @@ def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed
 
     result = align_projector(data, start, tower, out, steps=recipe.align_steps, lr=recipe.align_lr,
                              batch_size=recipe.align_batch_size, seed=seed, select_layer=recipe.select_layer,
-                             splits=splits)
+                             bf16=recipe.bf16, splits=splits)
     (out / "align_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -268,6 +269,8 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty")
+    if recipe.bf16 is None:
+        recipe = dataclasses.replace(recipe, bf16=native_bf16())
     data, start = out / "data", out / "start"
     timings: dict[str, dict[str, float]] = {}
     begin = time.perf_counter()

@@ -1,0 +1,13 @@
+"""Native bf16 detection, which picks the demo chain's precision (bf16 on AMX / AVX512-BF16, else fp32)."""
+
+from dynamic_llava.cpu_features import lists_native_bf16, native_bf16
+
+XEON_AMX = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+EPYC_AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse4_2 avx avx2 fma\n"
+
+
+def test_native_bf16_is_read_from_the_flags_line() -> None:
+    assert lists_native_bf16(XEON_AMX)
+    assert not lists_native_bf16(EPYC_AVX2)
+    assert not lists_native_bf16("model name : something without flags\n")
+    assert isinstance(native_bf16(), bool)
