@@ -157,6 +157,22 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     assert "| majority answer |" in table and "Sanity checks" in table and "Claims" in table
 
 
+def test_resume_keeps_finished_stages_and_reruns_the_rest(chain: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "chain"
+    shutil.copytree(chain, copy, symlinks=True)
+    shutil.rmtree(copy / "stage3")  # as if stopped during stage 3, its start folder left behind
+    before = json.loads((copy / "timings.json").read_text())
+    assert cli_main(["demo", "train", "--out", str(copy), "--quick", "--resume"]) == 0
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["resumed_stages"] == ["data", "start", "stage0", "stage1", "stage2"]
+    assert (copy / "stage3" / "config.json").is_file()
+    assert summary["timings"]["stage2"] == before["stage2"]  # kept from the first run
+    assert summary["timings"]["stage3"] != before["stage3"]
+    assert cli_main(["demo", "train", "--out", str(copy), "--quick"]) == 2  # without --resume: refused
+
+
 BENCH_MICRO_BATCHES = Path(__file__).resolve().parents[1] / "scripts" / "bench_micro_batches.py"
 
 

@@ -90,6 +90,11 @@ class Recipe:
     describe_share: float = 0.5  # training conversations that also ask for the long description
     answer_all_share: float = 0.5  # training conversations that ask and answer every question in one turn
 
+    @property
+    def use_bf16(self) -> bool:
+        """`bf16` as given, or (None) whether the CPU runs bf16 natively."""
+        return native_bf16() if self.bf16 is None else self.bf16
+
 
 # Fresh scenes beat repeated epochs here (2000 scenes x 3 epochs and 6000 x 1 score alike): stage 2 is 1000
 # steps over 16000 scenes. A quarter of the conversations carry a description, which keeps sequences short
@@ -141,7 +146,7 @@ def _common_flags(recipe: Recipe, data: Path, out: Path, seed: int) -> list[str]
             "--gradient_accumulation_steps", str(recipe.micro_batches), "--sort_micro_batches_by_length", "True",
             "--weight_decay", "0.0", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
             "--logging_steps", "10", "--report_to", "none", "--save_strategy", "no",
-            "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.bf16)]
+            "--dataloader_num_workers", "0", "--seed", str(seed), "--bf16", str(recipe.use_bf16)]
 
 
 def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int, splits: SceneSplits) -> dict[str, Any]:
@@ -151,7 +156,7 @@ def stage0(recipe: Recipe, data: Path, start: Path, out: Path, seed: int, splits
 
     result = pretrain_tower(data, start / "vision_tower", out, steps=recipe.tower_steps, lr=recipe.tower_lr,
                             batch_size=recipe.tower_batch_size, seed=seed, threads=None,
-                            select_layer=recipe.select_layer, bf16=recipe.bf16, splits=splits)
+                            select_layer=recipe.select_layer, bf16=recipe.use_bf16, splits=splits)
     (out / "pretrain_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -164,7 +169,7 @@ def stage1(recipe: Recipe, data: Path, start: Path, tower: Path, out: Path, seed
 
     result = align_projector(data, start, tower, out, steps=recipe.align_steps, lr=recipe.align_lr,
                              batch_size=recipe.align_batch_size, seed=seed, select_layer=recipe.select_layer,
-                             bf16=recipe.bf16, splits=splits)
+                             bf16=recipe.use_bf16, splits=splits)
     (out / "align_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -201,7 +206,10 @@ def stage3(recipe: Recipe, data: Path, dense: Path, tower: Path, out: Path, seed
     projector too, as in stage 2)."""
     from ..train.train import train
 
-    start = sparse_start(recipe, dense, out.parent / f"{out.name}_start")
+    start = out.parent / f"{out.name}_start"
+    if start.exists():  # left by a stopped run
+        shutil.rmtree(start)
+    sparse_start(recipe, dense, start)
     train(["--model_name_or_path", str(start),
            "--vision_tower", str(tower),
            "--version", "v1", "--requires_image", "True", "--freeze_mm_mlp_adapter", "True",
@@ -248,6 +256,32 @@ def _timed(name: str, timings: dict[str, dict[str, float]], step: Callable[[], A
     return value
 
 
+class StageRunner:
+    """Runs the chain's stages in order, recording each one's wall time in out/timings.json. With `resume`,
+    a stage whose completion marker exists (its last file written) is not run again: its result is read
+    back and its recorded time kept; the first unfinished stage starts from scratch (its partial output
+    removed), and so does every later one."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        self.out, self.resume, self.reused = out, resume, []
+        path = out / "timings.json"
+        self.timings: dict[str, dict[str, float]] = json.loads(path.read_text()) if resume and path.is_file() else {}
+        self.redo = not resume
+
+    def run(self, name: str, marker: Path, folder: Path | None, step: Callable[[], Any],
+            read_back: Callable[[], Any] = lambda: None) -> Any:
+        if not self.redo and marker.is_file() and name in self.timings:
+            print(f"\n=== {name}: finished earlier, reused ===", flush=True)
+            self.reused.append(name)
+            return read_back()
+        self.redo = True  # every later stage depends on this one
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder)
+        value = _timed(name, self.timings, step)
+        (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n", encoding="utf-8")
+        return value
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """Accuracy per question type: majority baseline, dense LLaVA, Dynamic-LLaVA."""
     majority, dense, sparse = (summary["majority_baseline_test"], summary["dense"], summary["dynamic_llava"])
@@ -261,45 +295,63 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_chain(out: Path, recipe: Recipe, seed: int = 0) -> dict[str, Any]:
-    """Every stage into `out` (new or empty); returns the summary also written to out/summary.json."""
+def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) -> dict[str, Any]:
+    """Every stage into `out` (new or empty; with `resume`, a chain folder whose finished stages are kept);
+    returns the summary also written to out/summary.json."""
     from ..data.synth import SynthConfig, write_dataset
     from ..model.convert import load_image_processor
     from .tower_pretrain import SceneSplits
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not empty")
-    if recipe.bf16 is None:
-        recipe = dataclasses.replace(recipe, bf16=native_bf16())
-    data, start = out / "data", out / "start"
-    timings: dict[str, dict[str, float]] = {}
-    begin = time.perf_counter()
-    stats = _timed("data", timings, lambda: write_dataset(
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not resume)):
+        raise UserError(f"{out} exists and is not empty (--resume continues a chain folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    data, start, tower = out / "data", out / "start", out / "stage0"
+    stages = StageRunner(out, resume)
+    read = lambda path: lambda: json.loads(path.read_text(encoding="utf-8"))  # noqa: E731
+    stats = stages.run("data", data / "stats.json", data, lambda: write_dataset(
         SynthConfig(seed, recipe.image_size, recipe.n_train, n_val=recipe.n_test, n_test=recipe.n_test,
-                    describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share), data))
-    tower = out / "stage0"
-    _timed("start", timings, lambda: make_start_model(recipe, start, seed))
+                    describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share), data),
+        read(data / "stats.json"))
+    stages.run("start", start / "vision_tower" / "config.json", start, lambda: make_start_model(recipe, start, seed))
     # stages 0 and 1 read the same images: loaded once (the start tower's processor is the one stage 0 saves)
-    splits = SceneSplits(data, load_image_processor(start / "vision_tower"), recipe.image_size, recipe.patch_size)
-    tower_result = _timed("stage0", timings, lambda: stage0(recipe, data, start, tower, seed, splits))
-    align_result = _timed("stage1", timings, lambda: stage1(recipe, data, start, tower, out / "stage1", seed, splits))
-    del splits  # ~1.2 GB of pixels stages 2 and 3 do not need
-    _timed("stage2", timings, lambda: stage2(recipe, data, start, tower, out / "stage1" / "mm_projector.bin",
-                                             out / "stage2", seed))
-    _timed("stage3", timings, lambda: stage3(recipe, data, out / "stage2", tower, out / "stage3", seed))
-    dense = _timed("eval_dense", timings, lambda: evaluate(recipe, out / "stage2", data, out / "eval" / "dense",
-                                                           dense=True))
-    sparse = _timed("eval_sparse", timings, lambda: evaluate(recipe, out / "stage3", data, out / "eval" / "dynamic",
-                                                             dense=False))
-    summary = {"recipe": dataclasses.asdict(recipe), "seed": seed,
+    splits = None
+
+    def shared_splits() -> SceneSplits:
+        nonlocal splits
+        if splits is None:
+            splits = SceneSplits(data, load_image_processor(start / "vision_tower"), recipe.image_size,
+                                 recipe.patch_size)
+        return splits
+
+    tower_result = stages.run("stage0", tower / "pretrain_result.json", tower,
+                              lambda: stage0(recipe, data, start, tower, seed, shared_splits()),
+                              read(tower / "pretrain_result.json"))
+    align_result = stages.run("stage1", out / "stage1" / "align_result.json", out / "stage1",
+                              lambda: stage1(recipe, data, start, tower, out / "stage1", seed, shared_splits()),
+                              read(out / "stage1" / "align_result.json"))
+    splits = None  # ~1.2 GB of pixels stages 2 and 3 do not need
+    stages.run("stage2", out / "stage2" / "config.json", out / "stage2",
+               lambda: stage2(recipe, data, start, tower, out / "stage1" / "mm_projector.bin", out / "stage2", seed))
+    stages.run("stage3", out / "stage3" / "config.json", out / "stage3",
+               lambda: stage3(recipe, data, out / "stage2", tower, out / "stage3", seed))
+    stages.redo = True  # the evaluations always run
+    dense = stages.run("eval_dense", out / "eval", out / "eval" / "dense",
+                       lambda: evaluate(recipe, out / "stage2", data, out / "eval" / "dense", dense=True))
+    sparse = stages.run("eval_sparse", out / "eval", out / "eval" / "dynamic",
+                        lambda: evaluate(recipe, out / "stage3", data, out / "eval" / "dynamic", dense=False))
+    timings = stages.timings
+    summary = {"recipe": dataclasses.asdict(recipe), "bf16": recipe.use_bf16, "seed": seed,
                "majority_baseline_test": stats["majority_baseline_test"], "tower_pretraining_val": tower_result.get("val"),
                "projector_alignment_val": align_result.get("val"),
                "dense": dense, "dynamic_llava": sparse,
-               "timings": timings, "total_seconds": round(time.perf_counter() - begin, 1),
+               "timings": timings, "total_seconds": round(sum(t["seconds"] for t in timings.values()), 1),
+               "resumed_stages": stages.reused,
                "models": {"dense": str(out / "stage2"), "dynamic_llava": str(out / "stage3")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print("\n" + format_table(summary))
-    print(f"total {summary['total_seconds']:.0f} s; summary written to {out / 'summary.json'}")
+    print(f"total {summary['total_seconds']:.0f} s (sum of the stages' wall times"
+          f"{', some from an earlier run: ' + ', '.join(stages.reused) if stages.reused else ''}); "
+          f"summary written to {out / 'summary.json'}")
     return summary
 
 
@@ -307,8 +359,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: the same chain in a few minutes (CI)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue a stopped chain in --out: finished "
+                        "stages are kept, the first unfinished one and all later ones run again")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_chain(Path(args.out), QUICK if args.quick else FULL, args.seed)
+    run_chain(Path(args.out), QUICK if args.quick else FULL, args.seed, args.resume)
     return 0
