@@ -157,6 +157,19 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     assert "| majority answer |" in table and "Sanity checks" in table and "Claims" in table
 
 
+def test_the_chains_image_tokens_each_see_only_their_own_patch(chain: Path) -> None:
+    """The tower is read at its patch embedding: changing one patch's pixels moves that image token only,
+    so no token carries another patch's object and dropping a token loses exactly what it shows."""
+    _, model, _, _ = load_pretrained_model(chain / "stage2", sparse=False)
+    tower = model.model.vision_tower
+    pixels = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    changed = pixels.clone()
+    changed[:, :, 14:28, 28:42] += 1.0  # patch row 1, column 2: token 1 x 8 + 2
+    with torch.no_grad():
+        moved = (tower(changed) - tower(pixels)).abs().amax(-1)[0] > 1e-5
+    assert moved.nonzero().flatten().tolist() == [10]
+
+
 def test_resume_keeps_finished_stages_and_reruns_the_rest(chain: Path, tmp_path: Path) -> None:
     import shutil
 
