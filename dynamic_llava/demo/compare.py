@@ -205,7 +205,7 @@ class ShortAnswerRun:
                                    [r.pixel_values for r in batch],
                                    GenerationConfig(max_new_tokens=8, stop_strings=[batch[0].stop]), policy)
                 rows += [{"question_id": q["question_id"], "text": r.text.strip(), "metadata": r.efficiency_stats(),
-                          "image_keep": [bool(v) for v in r.image_keep[0]] if r.image_keep else None}
+                          "image_keep": [bool(v) for v in r.image_keep[0]]}  # every question has one image
                          for q, r in zip(questions, results)]
         self.model.config.sparse_config = dict(self.base_sparse)
         return rows
@@ -228,12 +228,10 @@ def correctness(rows: list[dict], truth: list[dict]) -> list[float]:
 
 
 def kept_objects(rows: list[dict], questions: list[dict],
-                 patches: dict[str, tuple[list[bool], list[bool]]]) -> dict[str, float] | None:
+                 patches: dict[str, tuple[list[bool], list[bool]]]) -> dict[str, float]:
     """Mean share of the image's target patches and of its distractor patches that the method kept."""
     shares: dict[str, list[float]] = {"targets": [], "distractors": []}
     for row, question in zip(rows, questions):
-        if row["image_keep"] is None:
-            return None
         for name, cells in zip(shares, patches[question["image"]]):
             n = sum(cells)
             if n:

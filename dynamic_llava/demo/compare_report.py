@@ -26,7 +26,7 @@ def short_answer_table(results: dict[str, Any]) -> str:
         pope = row["pope"]
         f1 = sum(p["f1"] for p in pope.values()) / len(pope) if pope else None
         kept = row["kept_objects"]
-        objects = "-" if kept is None else f"{_pct(kept['targets'])} / {_pct(kept['distractors'])}"
+        objects = f"{_pct(kept['targets'])} / {_pct(kept['distractors'])}"
         cells = [name, row["checkpoint"].replace("stage", "stage "),
                  f"{row['image_tokens_kept']:.1f} / {row['image_tokens']:.0f}",
                  *(_pct(row["per_type"].get(c)) for c in SHORT_ANSWER_TYPES), _pct(row["overall"]),
