@@ -19,20 +19,31 @@ from ..eval.io import read_jsonl, require_keys, write_json_atomic
 from ..eval.vqa_answer import normalize_answer
 
 
-def score(answers: list[dict], ground_truth: list[dict]) -> dict[str, Any]:
-    """{"per_type": {category: {accuracy, correct, questions}}, "overall": {...}, "missing": n}, and
-    "held_out": {...} over the ground-truth rows with `held_out` true, when there are any."""
+def normalized_answers(answers: list[dict]) -> dict[Any, str]:
+    """question_id -> the normalised answer text."""
     predicted: dict[Any, str] = {}
     for index, row in enumerate(answers):
         require_keys(row, ("question_id", "text"), f"answers line {index + 1}")
         predicted[row["question_id"]] = normalize_answer(str(row["text"]))
+    return predicted
+
+
+def is_right(predicted: dict[Any, str], truth: dict) -> bool:
+    """Whether the answer to one ground-truth question matches it (no answer: wrong)."""
+    return predicted.get(truth["question_id"]) == normalize_answer(str(truth["answer"]))
+
+
+def score(answers: list[dict], ground_truth: list[dict]) -> dict[str, Any]:
+    """{"per_type": {category: {accuracy, correct, questions}}, "overall": {...}, "missing": n}, and
+    "held_out": {...} over the ground-truth rows with `held_out` true, when there are any."""
+    predicted = normalized_answers(answers)
     known = set()
     tally: dict[str, list[int]] = {}  # category -> [correct, questions]
     held_out = [0, 0]
     for index, row in enumerate(ground_truth):
         require_keys(row, ("question_id", "answer", "category"), f"ground-truth line {index + 1}")
         known.add(row["question_id"])
-        right = predicted.get(row["question_id"]) == normalize_answer(str(row["answer"]))
+        right = is_right(predicted, row)
         for counts in [tally.setdefault(row["category"], [0, 0])] + ([held_out] if row.get("held_out") else []):
             counts[0] += right
             counts[1] += 1

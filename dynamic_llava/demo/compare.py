@@ -172,7 +172,7 @@ class ShortAnswerRun:
         from ..model.loading import load_pretrained_model
         from ..prompting import prepare_request
 
-        self.checkpoint, self.questions, self.batch_size, self.patches = checkpoint, questions, batch_size, patches
+        self.questions, self.batch_size, self.patches = questions, batch_size, patches
         self.tokenizer, self.model, processor, _ = load_pretrained_model(checkpoint, device="cpu")
         self.base_sparse = dict(self.model.config.sparse_config or {})
         self.requests = [prepare_request(q["text"], [image_folder / q["image"]], self.tokenizer, processor,
@@ -221,10 +221,10 @@ def _overrides(flags: Sequence[str]) -> dict[str, Any]:
 
 def correctness(rows: list[dict], truth: list[dict]) -> list[float]:
     """1.0 / 0.0 per ground-truth question (in `truth` order), as score_synth judges it."""
-    from ..eval.vqa_answer import normalize_answer
+    from ..data.score_synth import is_right, normalized_answers
 
-    given = {r["question_id"]: normalize_answer(r["text"]) for r in rows}
-    return [float(given.get(t["question_id"]) == normalize_answer(str(t["answer"]))) for t in truth]
+    predicted = normalized_answers(rows)
+    return [float(is_right(predicted, t)) for t in truth]
 
 
 def kept_objects(rows: list[dict], questions: list[dict],
@@ -461,15 +461,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = json.loads((chain / "summary.json").read_text()) if (chain / "summary.json").is_file() else {}
 
-    _, loaded, _, _ = load_pretrained_model(model, device="cpu")
+    tokenizer, loaded, processor, _ = load_pretrained_model(model, device="cpu")
     sparse_layer = loaded.config.sparse.sparse_layer
     methods = short_answer_methods(sparse_layer)
     short, correct, truth = run_short_answers(chain, data, args.split, args.scenes, work, args.batch_size, methods)
-    majority = _majority(data, args.split, args.scenes, work)
+    majority = _majority(data, truth)
     checks = sanity_checks(short, majority["overall"])
     stated = claims(correct, [scene_of(t) for t in truth])
     tower = loaded.model.vision_tower.vision_tower.config
-    text_tokens = _prompt_text_tokens(model, data, args.split, work)
+    text_tokens = _prompt_text_tokens(tokenizer, processor, loaded.config, data, work)
     flops = prefill_flops(loaded.config, tower, text_tokens, methods, short)
     generation = run_generation(model, data, args.split, args.describe_samples, args.curve_samples,
                                 generation_methods(), args.max_new_tokens)
@@ -491,11 +491,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _majority(data: Path, split: str, scenes: int, work: Path) -> dict[str, Any]:
+def _majority(data: Path, truth: list[dict]) -> dict[str, Any]:
     """The majority-answer baseline (most frequent training answer per type) on the compared questions."""
     stats = json.loads((data / "stats.json").read_text())
     always = {c: r["answer"] for c, r in stats["majority_baseline_test"].items() if c != "overall"}
-    _, _, truth = _subset(data, split, scenes, work)
     per_type = {}
     for category in always:
         rows = [t for t in truth if t["category"] == category]
@@ -504,14 +503,12 @@ def _majority(data: Path, split: str, scenes: int, work: Path) -> dict[str, Any]
     return {"per_type": per_type, "overall": overall, "answers": always}
 
 
-def _prompt_text_tokens(model_path: Path, data: Path, split: str, work: Path) -> int:
+def _prompt_text_tokens(tokenizer: Any, processor: Any, config: Any, data: Path, work: Path) -> int:
     """Mean text tokens (system prompt, template, question) of the compared short-answer prompts."""
     from ..eval.io import read_jsonl
-    from ..model.loading import load_pretrained_model
     from ..prompting import prepare_request
 
-    tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu")
     questions = read_jsonl(work / "questions.jsonl")[:50]
-    counts = [len(prepare_request(q["text"], [data / "images" / q["image"]], tokenizer, processor, model.config,
+    counts = [len(prepare_request(q["text"], [data / "images" / q["image"]], tokenizer, processor, config,
                                   "llava_v1").input_ids) - 1 for q in questions]  # minus the <image> placeholder
     return round(statistics.mean(counts))
