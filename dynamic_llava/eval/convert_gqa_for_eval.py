@@ -1,7 +1,7 @@
 """GQA predictions: `python -m dynamic_llava.eval.convert_gqa_for_eval --src answers.jsonl --dst P.json`.
 
-Writes `[{"questionId", "prediction"}]`, the prediction being the answer in lower case without
-trailing periods (LLaVA's conversion), as GQA's `eval.py` expects.
+Writes `[{"questionId", "prediction"}]`, the prediction being the answer without trailing periods, in
+lower case (LLaVA's conversion, whitespace left as it is), as GQA's `eval.py` expects.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from .io import read_jsonl, require_keys, write_json_atomic
 
 
 def normalize_gqa_answer(text: str) -> str:
-    """Lower case, surrounding whitespace and trailing periods removed."""
-    return text.strip().rstrip(".").strip().lower()
+    """LLaVA's `text.rstrip('.').lower()`: trailing periods removed, lower case."""
+    return text.rstrip(".").lower()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -147,13 +147,15 @@ def convert_to_jsonl(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
-    for name, handler in (("convert_to_llava", convert_to_llava), ("convert_to_jsonl", convert_to_jsonl)):
+    # LLaVA's defaults differ per task: QCM-LEA for convert_to_llava, QCM-LEPA for convert_to_jsonl.
+    for name, handler, default_format in (("convert_to_llava", convert_to_llava, "QCM-LEA"),
+                                          ("convert_to_jsonl", convert_to_jsonl, "QCM-LEPA")):
         p = tasks.add_parser(name)
         p.add_argument("--base-dir", "--base_dir", dest="base_dir", required=True,
                        help="folder with problems.json and pid_splits.json; the output is written there")
         p.add_argument("--split", required=True, help="a split of pid_splits.json: train, val, test, ...")
-        p.add_argument("--prompt-format", "--prompt_format", dest="prompt_format", default="QCM-LEPA",
-                       help="INPUT-OUTPUT, e.g. CQM-A (LLaVA's evaluation file); default QCM-LEPA")
+        p.add_argument("--prompt-format", "--prompt_format", dest="prompt_format", default=default_format,
+                       help=f"INPUT-OUTPUT, e.g. CQM-A (LLaVA's evaluation file); default {default_format}")
         p.set_defaults(handler=handler)
     return parser
 

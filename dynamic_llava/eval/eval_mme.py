@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", required=True, help="folder of <subtask>.txt answer files")
+    parser.add_argument("--results-dir", "--results_dir", dest="results_dir", required=True,
+                        help="folder of <subtask>.txt answer files (--results_dir as in MME's calculation.py)")
     return parser
 
 

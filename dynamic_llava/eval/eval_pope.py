@@ -4,7 +4,8 @@ Per category (`coco_pope_<category>.json` in D, jsonl lines with a `label`; resu
 categories through the question file's `category` and, as in LLaVA, paired with the label lines in
 order, since the label files number their questions independently of the question file), LLaVA's
 yes/no reading of the answer, the confusion counts, accuracy, precision, recall, F1 and yes ratio,
-then the mean F1.
+then the mean F1. Each category also gets LLaVA's summary row `F1, accuracy, precision, recall, yes
+ratio` to three decimals.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Recall: {s.recall:.4f}")
         print(f"F1 score: {s.f1:.4f}")
         print(f"Yes ratio: {s.yes_ratio:.4f}")
+        print(f"{s.f1:.3f}, {s.accuracy:.3f}, {s.precision:.3f}, {s.recall:.3f}, {s.yes_ratio:.3f}")  # LLaVA's row
         print("====================================")
         f1s.append(s.f1)
     print(f"Average F1 score: {sum(f1s) / len(f1s):.4f}")

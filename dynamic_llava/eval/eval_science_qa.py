@@ -1,10 +1,12 @@
 """ScienceQA accuracy: `python -m dynamic_llava.eval.eval_science_qa --base-dir D --result-file R
---output-file O --output-result S [--split test]`.
+--output-file O --output-result S [--split test] [--options ABCDE]`.
 
 `D` holds `problems.json` and `pid_splits.json`. The option letter is read LLaVA's way: the whole
 answer is a letter, or it starts with "X. ", or it contains exactly one "The answer is X."; anything
 else (and a problem without a result) is a failure, counted wrong, as in current LLaVA (no random
-guess). Prints the overall accuracy and the accuracy by subject, context modality and grade band.
+guess). `--options` gives the option letters run together, as LLaVA's `type=list` flag reads them.
+Prints the overall accuracy, LLaVA's IMG-Accuracy (problems whose prompt has `<image>`) and the
+accuracy by subject, context modality and grade band.
 """
 
 from __future__ import annotations
@@ -52,21 +54,31 @@ def categories(problem: dict) -> list[str]:
     return found
 
 
-def evaluate(problems: dict[str, dict], predictions: dict[str, dict]) -> tuple[dict, dict]:
+def option_letters(value: str) -> list[str]:
+    """`--options ABCDE` -> ["A", ..., "E"]: each character is one option letter, as with LLaVA's `type=list`."""
+    if not value or len(set(value)) != len(value):
+        raise argparse.ArgumentTypeError(f"expected distinct option letters run together, e.g. ABCDE, got {value!r}")
+    return list(value)
+
+
+def evaluate(problems: dict[str, dict], predictions: dict[str, dict],
+             options: Sequence[str] = OPTIONS) -> tuple[dict, dict]:
     """(per-problem analysis split into correct / incorrect, LLaVA's summary with per-category accuracy)."""
     results: dict[str, list] = {"correct": [], "incorrect": []}
     summary: dict = {"acc": None, "correct": None, "count": None, "results": {}, "outputs": {}}
     per_category: dict[str, list[int]] = {}
     for pid, problem in problems.items():
         require_keys(problem, ("choices", "answer"), f"problem {pid}")
+        if not isinstance(problem["answer"], int) or not 0 <= problem["answer"] < len(options):
+            raise UserError(f"problem {pid}: answer {problem['answer']} has no letter among the options {options}")
         pred = predictions.get(pid, {"text": "FAILED", "prompt": "Unknown"})
-        letter = parse_letter(pred["text"])
-        index = predicted_index(letter, len(problem["choices"]))
+        letter = parse_letter(pred["text"], options)
+        index = predicted_index(letter, len(problem["choices"]), options)
         is_correct = index == problem["answer"]
         results["correct" if is_correct else "incorrect"].append({
             "question_id": pid,
             "parsed_ans": letter,
-            "ground_truth": OPTIONS[problem["answer"]],
+            "ground_truth": options[problem["answer"]],
             "question": pred.get("prompt", ""),
             "pred": pred["text"],
             "is_multimodal": "<image>" in pred.get("prompt", ""),
@@ -97,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
     for index, line in enumerate(read_jsonl(args.result_file)):
         require_keys(line, ("question_id", "text"), f"{args.result_file}:{index + 1}")
         predictions[str(line["question_id"])] = line
-    results, summary = evaluate({pid: problems[pid] for pid in splits[args.split]}, predictions)
-    print(f"Total: {summary['count']}, Correct: {summary['correct']}, Accuracy: {summary['acc']:.2f}%")
+    results, summary = evaluate({pid: problems[pid] for pid in splits[args.split]}, predictions, args.options)
+    img_correct = sum(r["is_multimodal"] for r in results["correct"])
+    img_total = img_correct + sum(r["is_multimodal"] for r in results["incorrect"])
+    img = f"{100 * img_correct / img_total:.2f}%" if img_total else "n/a"  # LLaVA divides by zero here
+    print(f"Total: {summary['count']}, Correct: {summary['correct']}, Accuracy: {summary['acc']:.2f}%, "
+          f"IMG-Accuracy: {img}")
     print("  ".join(f"{name}: {acc:.2f}%" for name, acc in summary["categories"].items()))
     write_json_atomic(args.output_file, results, indent=2)
     write_json_atomic(args.output_result, summary, indent=2)
@@ -112,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-file", required=True, help="per-problem analysis json to write")
     parser.add_argument("--output-result", required=True, help="summary json to write")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--options", type=option_letters, default=list(OPTIONS),
+                        help="option letters run together (default ABCDE)")
     return parser
 
 

@@ -1,4 +1,7 @@
-"""TextVQA accuracy: `python -m dynamic_llava.eval.eval_textvqa --annotation-file A --result-file R`.
+"""TextVQA accuracy: `python -m dynamic_llava.eval.eval_textvqa --annotation-file A (--result-file R | --result-dir D)`.
+
+As in LLaVA, `--result-dir` scores every `.jsonl` file of D in name order (saying which other files it
+skips), after the `--result-file` if both are given.
 
 A result is matched to its annotation by `question_id` when that is an annotation's question id;
 otherwise (LLaVA's TextVQA question files put the image id in `question_id`) by (image id, question),
@@ -55,21 +58,38 @@ def score(annotations: list[dict], results: list[dict]) -> tuple[int, float]:
     return len(scores), sum(scores) / len(scores)
 
 
+def score_file(annotations: list[dict], result_file: str | Path) -> None:
+    """Print the experiment name, sample count and accuracy of one answers file, as LLaVA does."""
+    samples, accuracy = score(annotations, read_jsonl(result_file))
+    print(Path(result_file).stem)
+    print(f"Samples: {samples}")
+    print(f"Accuracy: {100 * accuracy:.2f}%\n")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.result_file is None and args.result_dir is None:
+        raise UserError("give --result-file or --result-dir")
+    if args.result_dir is not None and not Path(args.result_dir).is_dir():
+        raise UserError(f"{args.result_dir}: no such directory")
     annotations = read_json(args.annotation_file)
     if not isinstance(annotations, dict) or not isinstance(annotations.get("data"), list):
         raise UserError(f"{args.annotation_file}: expected a TextVQA json with a 'data' list")
-    samples, accuracy = score(annotations["data"], read_jsonl(args.result_file))
-    print(Path(args.result_file).stem)
-    print(f"Samples: {samples}")
-    print(f"Accuracy: {100 * accuracy:.2f}%")
+    if args.result_file is not None:
+        score_file(annotations["data"], args.result_file)
+    if args.result_dir is not None:
+        for path in sorted(Path(args.result_dir).iterdir()):
+            if path.name.endswith(".jsonl"):
+                score_file(annotations["data"], path)
+            else:
+                print(f"Skipping {path.name}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1_val.json")
-    parser.add_argument("--result-file", required=True, help="answers jsonl (question_id, prompt, text)")
+    parser.add_argument("--result-file", help="answers jsonl (question_id, prompt, text)")
+    parser.add_argument("--result-dir", help="score every .jsonl answers file in this folder")
     return parser
 
 

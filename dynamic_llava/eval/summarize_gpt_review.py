@@ -1,10 +1,13 @@
-"""Summarise GPT reviews: `python -m dynamic_llava.eval.summarize_gpt_review (-d DIR | -f FILE...)`.
+"""Summarise GPT reviews: `python -m dynamic_llava.eval.summarize_gpt_review [-d DIR] [-f FILE...]`.
 
 Per review file, one line per category and one for `all`, as in LLaVA:
 `<category> <relative score> <answer-1 mean x10> <answer-2 mean x10>`, the relative score being
 mean(answer 2) / mean(answer 1) * 100. Reviews whose scores could not be read ([-1, -1]) are left out.
-With `-d`, the directory's `.jsonl` files whose names start with `gpt4_text`, `reviews_` or `review_`
-(all of its `.jsonl` files if the directory's own name contains "review") are read.
+With `-f`, those files (relative to `-d` if it is given too); with only `-d`, the directory's `.jsonl`
+files whose names start with `gpt4_text`, `reviews_` or `review_` (all of its `.jsonl` files if the
+directory's path contains "review"). Files are read in name order. `-s WORD...` keeps the files whose
+name contains every word; `-v 0613` keeps those whose name contains "0613", `-v 0314` the others
+(LLaVA's GPT-4 versions). A review without `category` may carry its pair in `score` instead of `tuple`.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ def summarize(reviews: list[dict], where: str, ignore: Sequence = ()) -> dict[st
     scores: dict[str, list[list[float]]] = defaultdict(list)
     skipped = 0
     for number, review in enumerate(reviews, start=1):
-        require_keys(review, ["tuple"], f"{where}: review {number}")
+        key = "score" if "tuple" not in review and "category" not in review else "tuple"
+        require_keys(review, [key], f"{where}: review {number}")
         if review.get("question_id") in ignore:
             continue
-        pair = [float(x) for x in review["tuple"]]
-        if len(pair) != 2:
-            raise UserError(f"{where}: review {number}: expected two scores, got {review['tuple']}")
+        if not isinstance(review[key], list) or len(review[key]) != 2:
+            raise UserError(f"{where}: review {number}: expected two scores, got {review[key]!r}")
+        pair = [float(x) for x in review[key]]
         if pair == [-1.0, -1.0]:
             skipped += 1
             continue
@@ -49,26 +53,35 @@ def summarize(reviews: list[dict], where: str, ignore: Sequence = ()) -> dict[st
 
 
 def review_files(args: argparse.Namespace) -> list[Path]:
-    """The files named with `-f`, or the review files found in `-d`."""
+    """The files named with `-f` (under `-d` if given), else the review files found in `-d`, sorted."""
     if args.files:
-        return [Path(f) for f in args.files]
+        return [Path(args.dir or "", name) for name in sorted(args.files)]
+    if args.dir is None:
+        raise UserError("give -d DIR or -f FILE...")
     directory = Path(args.dir)
     if not directory.is_dir():
         raise UserError(f"{directory}: no such directory")
     files = sorted(
         path for path in directory.iterdir()
-        if path.suffix == ".jsonl"
-        and (path.name.startswith(("gpt4_text", "reviews_", "review_")) or "review" in directory.name)
+        if path.name.endswith(".jsonl")
+        and (path.name.startswith(("gpt4_text", "reviews_", "review_")) or "review" in args.dir)
     )
     if not files:
         raise UserError(f"{directory}: no review files")
     return files
 
 
+def gpt4_version(config: str) -> str:
+    """LLaVA's reading of which GPT-4 wrote the reviews: "0613" if the name says so, else "0314"."""
+    return "0613" if "0613" in config else "0314"
+
+
 def run(args: argparse.Namespace) -> int:
     for path in review_files(args):
         config = path.name.replace("gpt4_text_", "").replace(".jsonl", "")
-        if args.select and any(word not in config for word in args.select):
+        if args.select is not None and any(word not in config for word in args.select):
+            continue
+        if args.version is not None and args.version != gpt4_version(config):
             continue
         summary = summarize(read_jsonl(path), str(path), args.ignore)
         print(config)
@@ -80,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("-d", "--dir")
-    source.add_argument("-f", "--files", nargs="+")
+    parser.add_argument("-d", "--dir", help="folder of review files (with -f: the folder the files are in)")
+    parser.add_argument("-f", "--files", nargs="*", default=[], help="review files")
+    parser.add_argument("-v", "--version", help="only files of this GPT-4 version: 0613 or 0314")
     parser.add_argument("-s", "--select", nargs="*", default=None, help="only files whose name contains all of these")
     parser.add_argument("-i", "--ignore", nargs="*", type=int, default=[], help="question ids to leave out")
     return parser

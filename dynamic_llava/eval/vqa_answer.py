@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 from typing import Sequence
 
 from ..errors import UserError
 
-_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# "," and "?" are not here: the answer has lost them before punctuation is handled.
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`!"
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+# EvalAI's processor calls `PERIOD_STRIP.sub("", text, re.UNICODE)`: re.UNICODE (32) lands in the
+# `count` slot, so at most the first 32 such periods are deleted. Kept, so scores match LLaVA's.
+_MAX_PERIODS_STRIPPED = 32
 _NUMBER_WORDS = {
     word: str(value)
     for value, word in enumerate("zero one two three four five six seven eight nine ten".split())
@@ -18,31 +20,31 @@ _NUMBER_WORDS = {
 _NUMBER_WORDS["none"] = "0"
 _ARTICLES = {"a", "an", "the"}
 
-# Canonical contracted forms; every spelling of one with some (not all) apostrophes dropped maps to it.
+# The contracted forms of EvalAI's table. Each is reached from every spelling that drops exactly one
+# of its apostrophes ("couldnt've" and "couldn'tve", not "couldntve"). The table's capitalised
+# entries (I'm, I've, I'd've) and those containing "'s" (let's, she's) never fire, since the answer
+# is lower-cased and "'s" split off first, so they are not listed: "im" stays "im".
 _CONTRACTED = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
-    "haven't he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll let's ma'am "
-    "mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd've "
+    "'ow's'at 'twas ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't "
+    "hadn't've hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am "
+    "might've mightn't mightn't've must've mustn't needn't not've o'clock oughtn't shan't she'd've "
     "should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've "
     "someone'll someone's something'd something'd've something'll that's there'd there'd've there're "
-    "there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll "
-    "what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll "
-    "why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll "
-    "you're you've"
+    "there's they'd they'd've they'll they're they've wasn't we'd've we've weren't what'll what're what's "
+    "what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't "
+    "would've wouldn't wouldn't've y'all y'all'd've y'all'll you'd you'd've you'll you're you've"
 ).split()
 
 
 def _contraction_table() -> dict[str, str]:
-    """Map each spelling that lacks one or more apostrophes of a canonical form to that form."""
-    table: dict[str, str] = {}
-    for canonical in _CONTRACTED:
-        positions = [i for i, char in enumerate(canonical) if char == "'"]
-        for count in range(1, len(positions) + 1):
-            for dropped in itertools.combinations(positions, count):
-                if count == len(positions) and count > 1:
-                    continue  # the original table never lists a double contraction with no apostrophe
-                variant = "".join(c for i, c in enumerate(canonical) if i not in dropped)
-                table[variant] = canonical
+    """Map each spelling of a contracted form that lacks exactly one of its apostrophes to that form."""
+    table = {
+        canonical[:i] + canonical[i + 1:]: canonical
+        for canonical in _CONTRACTED
+        for i, char in enumerate(canonical)
+        if char == "'"
+    }
+    table["somebody'd"] = "somebodyd"  # the table's one entry that runs backwards; scores depend on it
     return table
 
 
@@ -50,18 +52,19 @@ _CONTRACTIONS = _contraction_table()
 
 
 def _strip_punctuation(text: str) -> str:
-    """Delete punctuation next to a space (or any, in digit-comma-digit text); else turn it into a space."""
+    """Delete punctuation next to a space, else turn it into a space; then delete periods not before a digit."""
     out = text
     for mark in _PUNCTUATION:
-        if f"{mark} " in text or f" {mark}" in text or _DIGIT_COMMA_DIGIT.search(text):
+        if f"{mark} " in text or f" {mark}" in text:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_MAX_PERIODS_STRIPPED)
 
 
 def normalize_answer(answer: str) -> str:
-    """EvalAI's answer processing: lower case, punctuation, periods, number words, articles, contractions."""
+    """EvalAI's answer processing as LLaVA runs it: lower case, punctuation, periods, number words,
+    articles, contractions."""
     text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's")
     text = text.replace("\n", " ").replace("\t", " ").strip()
     text = _strip_punctuation(text)
