@@ -28,7 +28,7 @@ def add_sparsity_arguments(parser: argparse.ArgumentParser, no_sparse_help: str 
                              "other one (structure), or H2O (heavy hitters + recent window, evicting; needs the cache)")
     parser.add_argument("--no-output-sparsity", action="store_true", help="keep every generated token")
     parser.add_argument("--sparse-layer", type=int, default=None, help="first layer on the reduced tokens "
-                        "(FastV's K; default: the checkpoint's, 2)")
+                        "(FastV's K, >= 1 for FastV; 0 drops them before the first layer; default: the checkpoint's, 2)")
     parser.add_argument("--policy-seed", type=int, default=None, help="seed of the random vision / output "
                         "policies (default: the checkpoint's, 0)")
     parser.add_argument("--no-sparse", action="store_true", help=no_sparse_help)

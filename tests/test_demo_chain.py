@@ -116,7 +116,7 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     short, flops = results["short_answers"], results["prefill_flops"]
     families = {row["family"] for row in short.values()}
     assert families == {"dense", "dynamic-llava I", "fastv", "fastv (K=2)", "random", "random (stage 3)",
-                        "centre prior", "oracle"}
+                        "centre prior", "oracle", "negative control"}
     questions = read_jsonl(tmp_path / "work" / "questions.jsonl")
     assert len({scene_of(q) for q in questions}) == 2
     targets = object_patches(chain / "data", "test")
@@ -130,21 +130,33 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
             expected = max(1, math.floor(row["vision_keep_rate"] * 64 + 1e-6))
         assert row["image_tokens_kept"] == pytest.approx(expected), name
         assert row["questions"] == len(questions) and set(row["per_type"]) <= set(SHORT_ANSWER_TYPES)
-        assert row["checkpoint"] == ("stage3" if row["family"].startswith(("dynamic", "random (stage 3)")) or
-                                     name == "dense (stage 3)" else "stage2"), name
+        on_stage3 = row["family"].startswith(("dynamic", "random (stage 3)")) or name in (
+            "dense (stage 3)", "dynamic-llava I 2 tokens", "untrained predictor 0.2")
+        assert row["checkpoint"] == ("stage3" if on_stage3 else "stage2"), name
         assert set(row["pope"]) == {"random", "popular", "adversarial"}
     assert short["oracle (target patches)"]["kept_objects"] == {"targets": 1.0, "distractors": 0.0}
     assert short["dense (stage 2)"]["kept_objects"] == {"targets": 1.0, "distractors": 1.0}
     assert flops["fastv 0.2"]["kept_image_tokens"] == flops["dynamic-llava I 0.2"]["kept_image_tokens"] == 12
-    # same budget, same paper-formula FLOPs; fewer image tokens, fewer FLOPs and a smaller cache
-    assert flops["fastv 0.2"]["paper_formula"] == flops["random 0.2 seed 0"]["paper_formula"] == \
-        flops["dynamic-llava I 0.2"]["paper_formula"] < flops["dense (stage 2)"]["paper_formula"]
+    # same budget and layer, same paper-formula FLOPs; FastV's layer 0 reads every token; fewer image tokens,
+    # fewer FLOPs and a smaller cache
+    assert flops["random 0.2 seed 0"]["paper_formula"] == flops["dynamic-llava I 0.2"]["paper_formula"] < \
+        flops["fastv 0.2"]["paper_formula"] < flops["dense (stage 2)"]["paper_formula"]
     assert flops["random 0.1"]["exact"] < flops["random 0.2 seed 0"]["exact"] < flops["random 0.5"]["exact"]
     assert short["random 0.2 seed 0"]["kv_cache_bytes"] < short["dense (stage 2)"]["kv_cache_bytes"]
-    assert [c["check"] for c in results["sanity_checks"]][0] == "dense >= majority + 30"
-    assert len(results["sanity_checks"]) == 4 and all(isinstance(c["passed"], bool) for c in results["sanity_checks"])
-    assert len(results["claims"]) == 3
-    assert all(c["low"] <= c["difference"] <= c["high"] for c in results["claims"])
+    # tokens dropped before layer 0 (the chain's recipe); FastV's signal needs layer 0's attention
+    assert short["random 0.2 seed 0"]["sparse_layer"] == 0 and short["fastv 0.2"]["sparse_layer"] == 1
+    assert short["dynamic-llava I 2 tokens"]["image_tokens_kept"] == 2
+    # the untrained predictor picks other patches than the trained one, which is restored afterwards
+    masks = {name: [r["image_keep"] for r in read_jsonl(tmp_path / "work" / f"answers_{slug}.jsonl")]
+             for name, slug in (("untrained", "untrained_predictor_0_2"), ("trained", "dynamic_llava_I_0_2"))}
+    assert masks["untrained"] != masks["trained"]
+    for view in ("overall", "attribute"):
+        checks = results["sanity_checks"][view]
+        assert [c["check"] for c in checks][0] == "dense >= majority + 30"
+        assert len(checks) == 4 and all(isinstance(c["passed"], bool) for c in checks)
+        assert len(results["claims"][view]) == 3 and len(results["negative_controls"][view]) == 2
+        assert all(c["low"] <= c["difference"] <= c["high"]
+                   for c in results["claims"][view] + results["negative_controls"][view])
     generation = results["generation"]
     assert {"dense", "h2o 0.5", "structure", "dynamic-llava I|T 0.2"} <= set(generation)
     assert all(len(row["kv_curve_bytes"]) > 0 for row in generation.values())
@@ -155,6 +167,7 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
         assert (out / name).stat().st_size > 0, name
     table = (out / "table.md").read_text()
     assert "| majority answer |" in table and "Sanity checks" in table and "Claims" in table
+    assert "Negative controls" in table
 
 
 def test_the_chains_image_tokens_each_see_only_their_own_patch(chain: Path) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamic_llava.demo.compare import RANDOM_SEEDS, claims, paired_bootstrap, sanity_checks
+from dynamic_llava.demo.compare import (RANDOM_SEEDS, claims, negative_controls, of_type, only, paired_bootstrap,
+                                          sanity_checks)
 from dynamic_llava.demo.reference_policies import CentrePrior, GivenPatches, centre_scores
 from dynamic_llava.model.batch import IMAGE, TEXT, TokenBatch
 
@@ -80,3 +81,22 @@ def test_given_patches_keeps_exactly_them_per_image() -> None:
     masks = [torch.tensor([True, False, False, True]), torch.tensor([False, False, True, False])]
     keep = GivenPatches(masks).select(torch.zeros(2, 6, 4), _batch(2, 4))
     assert keep[:, 2:].tolist() == [m.tolist() for m in masks] and keep[:, :2].all()
+
+
+def test_negative_controls_hold_only_when_the_method_loses() -> None:
+    scenes = [f"s{i}" for i in range(200)]
+    correct = {"dense (stage 2)": [1.0] * 200, "dynamic-llava I 2 tokens": [0.0] * 100 + [1.0] * 100,
+               "untrained predictor 0.2": [0.0] * 150 + [1.0] * 50}
+    correct |= {f"random 0.2 seed {s}": [0.0] * 150 + [1.0] * 50 for s in RANDOM_SEEDS}
+    held = [c["held"] for c in negative_controls(correct, scenes)]
+    assert held == [True, True]
+    correct["dynamic-llava I 2 tokens"] = [0.0] * 10 + [1.0] * 190  # 5 points below dense: it did not lose
+    correct["untrained predictor 0.2"] = [0.0] * 100 + [1.0] * 100  # 25 points above random
+    assert [c["held"] for c in negative_controls(correct, scenes)] == [False, False]
+
+
+def test_question_type_views() -> None:
+    short = {"dense (stage 2)": {"overall": 0.5, "per_type": {"attribute": 0.9, "count": 0.3}}}
+    assert of_type(short, "attribute") == {"dense (stage 2)": {"overall": 0.9}}
+    correct, scenes = only({"a": [1.0, 0.0, 1.0]}, ["s0", "s0", "s1"], [True, False, True])
+    assert correct == {"a": [1.0, 1.0]} and scenes == ["s0", "s1"]

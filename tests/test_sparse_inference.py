@@ -242,3 +242,42 @@ def test_samples_finishing_early_leave_the_batch_without_changing_the_others(
         assert (together.token_ids, together.finish_reason) == (alone.token_ids, alone.finish_reason)
         assert together.output_keep == alone.output_keep
         assert together.kv_cache_bytes == alone.kv_cache_bytes
+
+
+def test_tokens_dropped_before_the_first_layer_leave_no_trace(model, mixed_batch, monkeypatch) -> None:
+    """sparse_layer 0: no layer reads a dropped image token, so its content cannot change any output; from
+    layer 1 on, layer 0 still reads it (the test could fail)."""
+    from dynamic_llava.demo.reference_policies import GivenPatches
+
+    prompts, images = mixed_batch
+    kept = torch.zeros(N_PATCHES, dtype=torch.bool)
+    kept[::50] = True
+    policy = GivenPatches([kept])
+    encode = model.encode_images
+
+    def noisy_dropped_tokens(pixel_values: torch.Tensor) -> torch.Tensor:
+        features = encode(pixel_values)
+        noise = torch.randn(features.shape, generator=torch.Generator().manual_seed(1)) * 10
+        return torch.where(kept[None, :, None], features, features + noise)
+
+    base = dict(model.config.sparse_config)
+    try:
+        for layer, unchanged in ((0, True), (1, False)):
+            model.set_sparse(sparse_layer=layer)
+            with torch.inference_mode():
+                clean = model.forward_full(prompts[:1], images[:1], policy).logits
+                monkeypatch.setattr(model, "encode_images", noisy_dropped_tokens)
+                noisy = model.forward_full(prompts[:1], images[:1], policy).logits
+                masked = model.forward_masked(prompts[:1], images[:1], policy).logits
+                monkeypatch.setattr(model, "encode_images", encode)
+            processed = ~torch.isnan(clean[..., 0])
+            assert torch.allclose(noisy[processed], masked[processed], atol=1e-4)  # dropping == masking
+            assert torch.allclose(clean[processed], noisy[processed], atol=1e-5) == unchanged, layer
+    finally:
+        model.config.sparse_config = base
+
+
+def test_fastv_needs_a_layer_before_the_drop(model) -> None:
+    with pytest.raises(UserError, match="sparse_layer >= 1"):
+        model.config.sparse.with_overrides(vision_policy="fastv", sparse_layer=0)
+    assert model.config.sparse.with_overrides(vision_policy="random", sparse_layer=0).sparse_layer == 0

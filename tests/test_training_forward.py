@@ -157,3 +157,17 @@ def test_keep_rate_regulariser_is_the_reference_formula(model, monkeypatch) -> N
     torch.testing.assert_close(out.vision_mask_loss, vision_term)
     torch.testing.assert_close(out.output_mask_loss, output_term)
     torch.testing.assert_close(out.loss.detach(), out.lm_loss + 100.0 * (vision_term + output_term))
+
+
+def test_sparse_forward_before_the_first_layer_trains_the_predictor(model) -> None:
+    """sparse_layer 0: the image predictor scores the projected image features themselves."""
+    model.set_sparse(sparse_layer=0)
+    model.sparsity_training = SparsityTraining(tau=1.0)
+    ids, labels, mask, images = _batch()
+    torch.manual_seed(0)
+    out = model(ids, labels, mask, images)
+    assert 0.0 < float(out.vision_keep) < 1.0
+    out.loss.backward()
+    grads = [p.grad for p in model.model.image_score_predictor.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0

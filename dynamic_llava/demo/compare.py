@@ -34,6 +34,8 @@ CLAIM_BUDGET = 0.2  # the claims are stated at 20 % of the image tokens, the pap
 RANDOM_SEEDS = (0, 1, 2, 3, 4)
 FASTV_PAPER_LAYER, FASTV_PAPER_KEEP = 2, 0.25  # FastV's own setting: K = 2, R = 75 % dropped
 ONE_TOKEN = 0.01  # a keep rate that leaves 1 token of an image of fewer than 200 patches
+BELOW_TARGETS = 0.04  # 2 of 64 tokens: fewer than any scene's 3-5 targets (the negative control)
+CHECKED_TYPE = "attribute"  # the question type the dense model answers well above chance
 OUTPUT_KEEP = 0.5
 DESCRIBE_MAX_NEW_TOKENS = 400  # descriptions are 150-340 tokens
 BOOTSTRAP_RESAMPLES = 2000
@@ -52,27 +54,30 @@ class Method:
     vision_keep: float = 1.0
     vision_rule: str | None = None  # None: every image token (dense prefill)
     sparse_layer: int | None = None  # where the image tokens are dropped (None: dense)
+    untrained_predictor: bool = False  # the predictor's weights re-drawn as at the start of stage 3
 
 
 def _vision_row(name: str, family: str, checkpoint: str, rule: str, rate: float, layer: int,
-                *extra: str) -> Method:
+                *extra: str, untrained_predictor: bool = False) -> Method:
     flags = () if rule in ("oracle", "centre") else (
         "--vision-policy", rule, "--vision-keep-rate", f"{rate:g}", "--sparse-layer", str(layer),
         "--no-output-sparsity", *extra)
-    return Method(name, family, checkpoint, flags, rate, rule, layer)
+    return Method(name, family, checkpoint, flags, rate, rule, layer, untrained_predictor)
 
 
 def short_answer_methods(sparse_layer: int) -> list[Method]:
     """Dense (stage 2 and stage 3); Dynamic-LLaVA I at each budget (stage 3); on the dense LLaVA (stage 2),
-    the training-free rules: FastV at the pruning layer and in its own setting, random (5 seeds at 20 %),
-    the centre prior, the oracle (exactly the target patches) and one random token per image; random at
-    20 % on stage 3 separates what stage 3's LLM learnt from what its predictor selects."""
-    k = sparse_layer
+    the training-free rules: FastV at the pruning layer (layer 1 when tokens are dropped before layer 0:
+    its signal is an attention map) and in its own setting, random (5 seeds at 20 %), the centre prior,
+    the oracle (exactly the target patches) and one random token per image; random at 20 % on stage 3
+    separates what stage 3's LLM learnt from what its predictor selects. The negative controls, where
+    Dynamic-LLaVA should lose: a budget of 2 tokens (fewer than the targets) and its predictor untrained."""
+    k, fastv_layer = sparse_layer, max(sparse_layer, 1)
     rows = [Method("dense (stage 2)", "dense", "stage2", ("--no-sparse",)),
             Method("dense (stage 3)", "dense", "stage3", ("--no-sparse",))]
     rows += [_vision_row(f"dynamic-llava I {r:g}", "dynamic-llava I", "stage3", "predictor", r, k)
              for r in VISION_BUDGETS]
-    rows += [_vision_row(f"fastv {r:g}", "fastv", "stage2", "fastv", r, k) for r in VISION_BUDGETS]
+    rows += [_vision_row(f"fastv {r:g}", "fastv", "stage2", "fastv", r, fastv_layer) for r in VISION_BUDGETS]
     rows.append(_vision_row(f"fastv K={FASTV_PAPER_LAYER} R={100 * (1 - FASTV_PAPER_KEEP):.0f}%", "fastv (K=2)",
                             "stage2", "fastv", FASTV_PAPER_KEEP, FASTV_PAPER_LAYER))
     rows += [_vision_row(f"random {CLAIM_BUDGET:g} seed {seed}", "random", "stage2", "random", CLAIM_BUDGET, k,
@@ -83,14 +88,18 @@ def short_answer_methods(sparse_layer: int) -> list[Method]:
                          CLAIM_BUDGET, k),
              _vision_row(f"centre prior {CLAIM_BUDGET:g}", "centre prior", "stage2", "centre", CLAIM_BUDGET, k),
              _vision_row("oracle (target patches)", "oracle", "stage2", "oracle", CLAIM_BUDGET, k),
-             _vision_row("random 1 token", "random", "stage2", "random", ONE_TOKEN, k)]
+             _vision_row("random 1 token", "random", "stage2", "random", ONE_TOKEN, k),
+             _vision_row("dynamic-llava I 2 tokens", "negative control", "stage3", "predictor", BELOW_TARGETS, k),
+             _vision_row("random 2 tokens", "negative control", "stage2", "random", BELOW_TARGETS, k),
+             _vision_row(f"untrained predictor {CLAIM_BUDGET:g}", "negative control", "stage3", "predictor",
+                         CLAIM_BUDGET, k, untrained_predictor=True)]
     return rows
 
 
-def generation_methods() -> list[Method]:
+def generation_methods(sparse_layer: int) -> list[Method]:
     """The description runs (on stage 3): dense, Dynamic-LLaVA I / I|T at 20 % image tokens, the
     output-token baselines (H2O, random, every other token) at 50 % with every image token, and FastV /
-    random images at 20 %."""
+    random images at 20 % (FastV from layer 1 at the earliest)."""
     keep = f"{OUTPUT_KEEP:g}"
     return [
         Method("dense", "dense", "stage3", ("--no-sparse",)),
@@ -104,7 +113,8 @@ def generation_methods() -> list[Method]:
                                                                     "random", "--output-keep-rate", keep)),
         Method("structure", "structure", "stage3", ("--vision-keep-rate", "1", "--output-policy", "structure")),
         Method("fastv 0.2", "fastv", "stage3", ("--vision-policy", "fastv", "--vision-keep-rate", "0.2",
-                                                "--no-output-sparsity"), 0.2, "fastv"),
+                                                "--sparse-layer", str(max(sparse_layer, 1)), "--no-output-sparsity"),
+               0.2, "fastv"),
         Method("random 0.2", "random", "stage3", ("--vision-policy", "random", "--vision-keep-rate", "0.2",
                                                   "--no-output-sparsity"), 0.2, "random"),
     ]
@@ -190,6 +200,10 @@ class ShortAnswerRun:
             self.model.set_sparse(**_overrides(method.flags))
         elif method.sparse_layer is not None:
             self.model.set_sparse(sparse_layer=method.sparse_layer)
+        trained = {k: v.clone() for k, v in self.model.state_dict().items() if "score_predictor" in k}
+        if method.untrained_predictor:
+            torch.manual_seed(0)
+            self.model.reinit_predictors()
         rows = []
         with torch.inference_mode():
             for start in tqdm(range(0, len(self.requests), self.batch_size), desc=method.name, unit="batch"):
@@ -208,6 +222,7 @@ class ShortAnswerRun:
                           "image_keep": [bool(v) for v in r.image_keep[0]]}  # every question has one image
                          for q, r in zip(questions, results)]
         self.model.config.sparse_config = dict(self.base_sparse)
+        self.model.load_state_dict(trained, strict=False)
         return rows
 
 
@@ -355,9 +370,10 @@ def run_generation(model_path: Path, data: Path, split: str, samples: int, curve
     return results
 
 
-def kept_patch_masks(model_path: Path, data: Path, split: str, images: int, rate: float
+def kept_patch_masks(model_path: Path, data: Path, split: str, images: int, rate: float, sparse_layer: int
                      ) -> tuple[list[Path], dict[str, list[list[bool]]]]:
-    """Per vision rule, the keep mask of each of the split's first `images` images (describe prompt)."""
+    """Per vision rule, the keep mask of each of the split's first `images` images (describe prompt; FastV
+    from layer 1 at the earliest)."""
     from ..eval.io import read_jsonl
     from ..generation import GenerationConfig, generate
     from ..model.loading import load_pretrained_model
@@ -367,8 +383,9 @@ def kept_patch_masks(model_path: Path, data: Path, split: str, images: int, rate
     paths = [data / "images" / s["image"] for s in samples]
     masks: dict[str, list[list[bool]]] = {}
     for rule in ("predictor", "fastv", "random"):
+        layer = max(sparse_layer, 1) if rule == "fastv" else sparse_layer
         tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", vision_policy=rule,
-                                                               vision_keep_rate=rate)
+                                                               vision_keep_rate=rate, sparse_layer=layer)
         masks[rule] = []
         for sample, path in zip(samples, paths):
             request = prepare_request(sample["text"], [path], tokenizer, processor, model.config, "llava_v1")
@@ -428,6 +445,33 @@ def claims(correct: dict[str, list[float]], scenes: Sequence[str]) -> list[dict[
             for name, interval, bound, excludes_zero in rows]
 
 
+def negative_controls(correct: dict[str, list[float]], scenes: Sequence[str]) -> list[dict[str, Any]]:
+    """Where Dynamic-LLaVA should lose, each with its paired interval: with fewer tokens than the targets
+    it cannot keep what the questions need, and with its predictor untrained it picks no better than
+    random. If a control does not hold, the comparison could not show a failure of the method."""
+    randoms = mean_of(correct, [f"random {CLAIM_BUDGET:g} seed {s}" for s in RANDOM_SEEDS])
+    rows = [
+        ("Dynamic-LLaVA at 2 tokens (fewer than the targets) <= dense (stage 2) - 10",
+         paired_bootstrap(correct["dynamic-llava I 2 tokens"], correct["dense (stage 2)"], scenes), -10.0),
+        (f"untrained predictor at {100 * CLAIM_BUDGET:.0f} % <= random (5 seeds) + 2",
+         paired_bootstrap(correct[f"untrained predictor {CLAIM_BUDGET:g}"], randoms, scenes), 2.0),
+    ]
+    return [{"control": name, **interval, "bound": bound, "held": interval["difference"] <= bound}
+            for name, interval, bound in rows]
+
+
+def of_type(short: dict[str, dict[str, Any]], category: str) -> dict[str, dict[str, Any]]:
+    """The rows' accuracy on one question type, as `overall` (the view `sanity_checks` reads)."""
+    return {name: {"overall": row["per_type"][category]} for name, row in short.items()}
+
+
+def only(correct: dict[str, list[float]], scenes: Sequence[str], chosen: Sequence[bool]
+         ) -> tuple[dict[str, list[float]], list[str]]:
+    """Per-question correctness and scenes restricted to the chosen questions."""
+    pick = lambda values: [v for v, c in zip(values, chosen) if c]  # noqa: E731
+    return {name: pick(values) for name, values in correct.items()}, pick(scenes)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chain", required=True, help="a `demo train` output folder (stage2/, stage3/, data/)")
     parser.add_argument("--out", required=True, help="folder for results.json, table.md and the PNGs")
@@ -466,17 +510,21 @@ def run(args: argparse.Namespace) -> int:
     methods = short_answer_methods(sparse_layer)
     short, correct, truth = run_short_answers(chain, data, args.split, args.scenes, work, args.batch_size, methods)
     majority = _majority(data, truth)
-    checks = sanity_checks(short, majority["overall"])
-    stated = claims(correct, [scene_of(t) for t in truth])
+    scenes = [scene_of(t) for t in truth]
+    typed = only(correct, scenes, [t["category"] == CHECKED_TYPE for t in truth])
+    checks = {"overall": sanity_checks(short, majority["overall"]),
+              CHECKED_TYPE: sanity_checks(of_type(short, CHECKED_TYPE), majority["per_type"][CHECKED_TYPE])}
+    stated = {"overall": claims(correct, scenes), CHECKED_TYPE: claims(*typed)}
+    controls = {"overall": negative_controls(correct, scenes), CHECKED_TYPE: negative_controls(*typed)}
     tower = loaded.model.vision_tower.vision_tower.config
     text_tokens = _prompt_text_tokens(tokenizer, processor, loaded.config, data, work)
     flops = prefill_flops(loaded.config, tower, text_tokens, methods, short)
     generation = run_generation(model, data, args.split, args.describe_samples, args.curve_samples,
-                                generation_methods(), args.max_new_tokens)
-    paths, masks = kept_patch_masks(model, data, args.split, args.mask_images, 0.2)
+                                generation_methods(sparse_layer), args.max_new_tokens)
+    paths, masks = kept_patch_masks(model, data, args.split, args.mask_images, 0.2, sparse_layer)
     results = {
         "model": str(model), "dense_model": str(chain / "stage2"), "split": args.split, "scenes": args.scenes,
-        "majority_baseline": majority, "sanity_checks": checks, "claims": stated,
+        "majority_baseline": majority, "sanity_checks": checks, "claims": stated, "negative_controls": controls,
         "shape": {"llm_hidden": loaded.config.hidden_size, "llm_layers": loaded.config.num_hidden_layers,
                   "tower_hidden": tower.hidden_size, "tower_layers": tower.num_hidden_layers,
                   "image_tokens": short["dense (stage 2)"]["image_tokens"], "prompt_text_tokens": text_tokens,

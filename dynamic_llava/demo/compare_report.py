@@ -38,20 +38,35 @@ def short_answer_table(results: dict[str, Any]) -> str:
 
 
 def sanity_table(results: dict[str, Any]) -> str:
-    lines = ["| check (dense stage-2 model) | measured (points) | bound | passed |", "|---|---|---|---|"]
-    for check in results["sanity_checks"]:
-        lines.append(f"| {check['check']} | {check['points']:+.1f} | {check['bound']:+.0f} | "
-                     f"{'yes' if check['passed'] else '**no**'} |")
+    """Each check on every question and on one question type (results["sanity_checks"] is keyed by both)."""
+    views = list(results["sanity_checks"])
+    lines = ["| check (dense stage-2 model) | bound | " + " | ".join(f"{v}: points, passed" for v in views) + " |",
+             "|---|---|" + "---|" * len(views)]
+    for i, check in enumerate(results["sanity_checks"][views[0]]):
+        cells = [f"{c['points']:+.1f}, {'yes' if c['passed'] else '**no**'}"
+                 for c in (results["sanity_checks"][v][i] for v in views)]
+        lines.append(f"| {check['check']} | {check['bound']:+.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _interval_table(results: dict[str, Any], key: str, label: str, verdict: str) -> str:
+    """Claims or negative controls, per question set: difference, scene-bootstrap interval, verdict."""
+    lines = [f"| {label} | questions | difference (points) | 95 % interval (scene bootstrap) | {verdict} |",
+             "|---|---|---|---|---|"]
+    for view, rows in results[key].items():
+        for row in rows:
+            outcome = row["met"] if "met" in row else row["held"]
+            lines.append(f"| {row.get('claim', row.get('control'))} | {view} | {row['difference']:+.1f} | "
+                         f"[{row['low']:+.1f}, {row['high']:+.1f}] | {'yes' if outcome else '**no**'} |")
     return "\n".join(lines)
 
 
 def claims_table(results: dict[str, Any]) -> str:
-    lines = ["| claim (20 % of image tokens) | difference (points) | 95 % interval (scene bootstrap) | met |",
-             "|---|---|---|---|"]
-    for claim in results["claims"]:
-        lines.append(f"| {claim['claim']} | {claim['difference']:+.1f} | [{claim['low']:+.1f}, {claim['high']:+.1f}] | "
-                     f"{'yes' if claim['met'] else '**no**'} |")
-    return "\n".join(lines)
+    return _interval_table(results, "claims", "claim (20 % of image tokens)", "met")
+
+
+def controls_table(results: dict[str, Any]) -> str:
+    return _interval_table(results, "negative_controls", "negative control (should hold)", "held")
 
 
 def pope_table(results: dict[str, Any]) -> str:
@@ -166,6 +181,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"{results['split']} split, {results['scenes']} scenes.", "",
             "Sanity checks (is token selection measurable here?):", "", sanity_table(results), "",
             "Claims:", "", claims_table(results), "",
+            "Negative controls:", "", controls_table(results), "",
             "Short answers (accuracy %):", "", short_answer_table(results), "",
             "POPE (existence questions):", "", pope_table(results), "",
             "Long descriptions:", "", generation_table(results), ""]

@@ -56,8 +56,10 @@ class Recipe:
     llm_hidden: int = 256
     llm_layers: int = 4
     llm_heads: int = 4
-    # Tokens are dropped from layer 1 on: 3 of the 4 layers see the reduced set (LLaVA-1.5: 30 of 32)
-    sparse_layer: int = 1
+    # Tokens are dropped before the first layer: all 4 layers see the reduced set (LLaVA-1.5: 30 of 32).
+    # Dropped from layer 1, layer 0 alone answered most questions: the question's words come after the
+    # image and, in that one layer, fetch the patch they name from every image token (docs/RESULTS.md).
+    sparse_layer: int = 0
     batch_size: int = 16  # samples per optimiser step of stages 2 and 3
     # Each step's samples are drawn at random and run as this many length-sorted micro-batches (gradient
     # accumulation): on this data a random batch is ~45 % padding, and the step's gradient does not change

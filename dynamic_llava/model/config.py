@@ -78,8 +78,11 @@ class SparseConfig:
             rate = getattr(self, name)
             if not 0.0 < float(rate) <= 1.0:
                 raise UserError(f"{name} must be in (0, 1], got {rate}")
-        if self.sparse_layer < 1:
-            raise UserError(f"sparse_layer must be >= 1, got {self.sparse_layer}")
+        if self.sparse_layer < 0:
+            raise UserError(f"sparse_layer must be >= 0, got {self.sparse_layer}")
+        if self.vision_policy == "fastv" and self.sparsify_vision and self.sparse_layer == 0:
+            raise UserError("vision_policy 'fastv' ranks image tokens by the attention in layer sparse_layer - 1: "
+                            "it needs sparse_layer >= 1")
         if self.vision_policy not in VISION_RULES:
             raise UserError(f"vision_policy must be one of {', '.join(VISION_RULES)}, got {self.vision_policy!r}")
         if self.output_policy not in OUTPUT_RULES:

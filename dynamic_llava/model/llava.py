@@ -254,10 +254,13 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         return StepOutput(self.lm_head(last), keep)
 
     def _attention_probe(self, layer_input: torch.Tensor, batch: TokenBatch, cos: torch.Tensor,
-                         sin: torch.Tensor) -> AttentionProbe:
-        """FastV's signal at layer sparse_layer - 1 (whose input is `layer_input`), computed only if asked.
+                         sin: torch.Tensor) -> AttentionProbe | None:
+        """FastV's signal at layer sparse_layer - 1 (whose input is `layer_input`), computed only if asked;
+        None when tokens are dropped before the first layer (no layer has attended yet).
 
         Covers the tokens of this forward: the prompt, when image tokens are being ranked at prefill."""
+        if self.sparse_layer == 0:
+            return None
         layer = self.model.layers[self.sparse_layer - 1]
         return lambda: layer.last_token_attention(layer_input, cos, sin, batch.positions, batch.lengths)
 
@@ -275,8 +278,9 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         are hidden as keys by the training-time masked softmax (each token still sees itself)."""
         policy = policy or self.default_policy()
         batch = self.embed(input_ids, images)
-        probe_input = self._train_layers(batch, 0, self.sparse_layer - 1, None)
-        h = self._train_layers(batch, self.sparse_layer - 1, self.sparse_layer, None, probe_input)
+        k = self.sparse_layer
+        probe_input = self._train_layers(batch, 0, max(k - 1, 0), None)
+        h = self._train_layers(batch, max(k - 1, 0), k, None, probe_input)
         cos, sin = self.model.rotary(batch.positions, h.dtype)
         keep = policy.select(h, batch, self._attention_probe(probe_input, batch, cos, sin)) & batch.valid
         h = self._train_layers(batch, self.sparse_layer, len(self.model.layers), keep.to(h.dtype), h)
