@@ -111,12 +111,12 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     out = tmp_path / "results"
     assert cli_main(["demo", "compare", "--chain", str(chain), "--out", str(out), "--work", str(tmp_path / "work"),
                      "--scenes", "2", "--describe-samples", "1", "--curve-samples", "1", "--mask-images", "2",
-                     "--max-new-tokens", "6"]) == 0
+                     "--max-new-tokens", "6", "--other-stage3", str(chain / "stage3")]) == 0
     results = json.loads((out / "results.json").read_text())
     short, flops = results["short_answers"], results["prefill_flops"]
     families = {row["family"] for row in short.values()}
     assert families == {"dense", "dynamic-llava I", "fastv", "fastv (K=2)", "random", "random (stage 3)",
-                        "centre prior", "oracle", "negative control"}
+                        "centre prior", "oracle", "negative control", "dynamic-llava I (other run)"}
     questions = read_jsonl(tmp_path / "work" / "questions.jsonl")
     assert len({scene_of(q) for q in questions}) == 2
     targets = object_patches(chain / "data", "test")
@@ -130,9 +130,10 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
             expected = max(1, math.floor(row["vision_keep_rate"] * 64 + 1e-6))
         assert row["image_tokens_kept"] == pytest.approx(expected), name
         assert row["questions"] == len(questions) and set(row["per_type"]) <= set(SHORT_ANSWER_TYPES)
-        on_stage3 = row["family"].startswith(("dynamic", "random (stage 3)")) or name in (
+        on_stage3 = row["family"].startswith(("dynamic-llava I", "random (stage 3)")) or name in (
             "dense (stage 3)", "dynamic-llava I 2 tokens", "untrained predictor 0.2")
-        assert row["checkpoint"] == ("stage3" if on_stage3 else "stage2"), name
+        expected = "stage3 run 2" if row["family"] == "dynamic-llava I (other run)" else "stage3" if on_stage3 else "stage2"
+        assert row["checkpoint"] == expected, name
         assert set(row["pope"]) == {"random", "popular", "adversarial"}
     assert short["oracle (target patches)"]["kept_objects"] == {"targets": 1.0, "distractors": 0.0}
     assert short["dense (stage 2)"]["kept_objects"] == {"targets": 1.0, "distractors": 1.0}
@@ -150,6 +151,10 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     masks = {name: [r["image_keep"] for r in read_jsonl(tmp_path / "work" / f"answers_{slug}.jsonl")]
              for name, slug in (("untrained", "untrained_predictor_0_2"), ("trained", "dynamic_llava_I_0_2"))}
     assert masks["untrained"] != masks["trained"]
+    # the other run is the same checkpoint here: the same answers, the same claims
+    assert short["dynamic-llava I 0.2 (run 2)"]["overall"] == short["dynamic-llava I 0.2"]["overall"]
+    assert [c["difference"] for c in results["claims"]["overall, run 2"]] == \
+        [c["difference"] for c in results["claims"]["overall"]]
     for view in ("overall", "attribute"):
         checks = results["sanity_checks"][view]
         assert [c["check"] for c in checks][0] == "dense >= majority + 30"

@@ -49,7 +49,9 @@ class Method:
 
     name: str
     family: str
-    checkpoint: str  # "stage2": the dense LLaVA the training-free rules are applied to; "stage3": Dynamic-LLaVA
+    # "stage2": the dense LLaVA the training-free rules are applied to; "stage3": Dynamic-LLaVA; "stage3 run N":
+    # Dynamic-LLaVA trained again with another seed (--other-stage3)
+    checkpoint: str
     flags: tuple[str, ...] = ()
     vision_keep: float = 1.0
     vision_rule: str | None = None  # None: every image token (dense prefill)
@@ -65,13 +67,14 @@ def _vision_row(name: str, family: str, checkpoint: str, rule: str, rate: float,
     return Method(name, family, checkpoint, flags, rate, rule, layer, untrained_predictor)
 
 
-def short_answer_methods(sparse_layer: int) -> list[Method]:
+def short_answer_methods(sparse_layer: int, other_runs: int = 0) -> list[Method]:
     """Dense (stage 2 and stage 3); Dynamic-LLaVA I at each budget (stage 3); on the dense LLaVA (stage 2),
     the training-free rules: FastV at the pruning layer (layer 1 when tokens are dropped before layer 0:
     its signal is an attention map) and in its own setting, random (5 seeds at 20 %), the centre prior,
     the oracle (exactly the target patches) and one random token per image; random at 20 % on stage 3
     separates what stage 3's LLM learnt from what its predictor selects. The negative controls, where
-    Dynamic-LLaVA should lose: a budget of 2 tokens (fewer than the targets) and its predictor untrained."""
+    Dynamic-LLaVA should lose: a budget of 2 tokens (fewer than the targets) and its predictor untrained.
+    `other_runs` Dynamic-LLaVA trainings with other seeds add their row at the claims' budget."""
     k, fastv_layer = sparse_layer, max(sparse_layer, 1)
     rows = [Method("dense (stage 2)", "dense", "stage2", ("--no-sparse",)),
             Method("dense (stage 3)", "dense", "stage3", ("--no-sparse",))]
@@ -93,7 +96,13 @@ def short_answer_methods(sparse_layer: int) -> list[Method]:
              _vision_row("random 2 tokens", "negative control", "stage2", "random", BELOW_TARGETS, k),
              _vision_row(f"untrained predictor {CLAIM_BUDGET:g}", "negative control", "stage3", "predictor",
                          CLAIM_BUDGET, k, untrained_predictor=True)]
+    rows += [_vision_row(other_run_row(run), "dynamic-llava I (other run)", f"stage3 run {run}", "predictor",
+                         CLAIM_BUDGET, k) for run in range(2, 2 + other_runs)]
     return rows
+
+
+def other_run_row(run: int) -> str:
+    return f"dynamic-llava I {CLAIM_BUDGET:g} (run {run})"
 
 
 def generation_methods(sparse_layer: int) -> list[Method]:
@@ -254,9 +263,11 @@ def kept_objects(rows: list[dict], questions: list[dict],
     return {name: statistics.mean(values) for name, values in shares.items()}
 
 
-def run_short_answers(chain: Path, data: Path, split: str, scenes: int, work: Path, batch_size: int,
-                      methods: list[Method]) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]], list[dict]]:
-    """Every method's scores; also each method's per-question correctness (truth order) and the truth."""
+def run_short_answers(checkpoints: dict[str, Path], data: Path, split: str, scenes: int, work: Path,
+                      batch_size: int, methods: list[Method]
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]], list[dict]]:
+    """Every method's scores (each on `checkpoints[method.checkpoint]`); also each method's per-question
+    correctness (truth order) and the truth."""
     from ..data.score_synth import score
 
     question_file, questions, truth = _subset(data, split, scenes, work)
@@ -264,12 +275,12 @@ def run_short_answers(chain: Path, data: Path, split: str, scenes: int, work: Pa
     questions = [by_id[t["question_id"]] for t in truth]  # one order for answers, truth and correctness
     patches = object_patches(data, split)
     results, correct = {}, {}
-    for checkpoint in ("stage2", "stage3"):
-        run = ShortAnswerRun(chain / checkpoint, questions, data / "images", batch_size, patches)
+    for checkpoint, path in checkpoints.items():
+        run = ShortAnswerRun(path, questions, data / "images", batch_size, patches)
         for method in [m for m in methods if m.checkpoint == checkpoint]:
             if method.flags:
                 print(f"\n--- {method.name}: python -m dynamic_llava.eval.model_vqa_loader --model-path "
-                      f"{chain / checkpoint} --question-file {question_file} --image-folder {data / 'images'} "
+                      f"{path} --question-file {question_file} --image-folder {data / 'images'} "
                       f"--answers-file A.jsonl --conv-mode llava_v1 --batch-size {batch_size} --max-new-tokens 8 "
                       f"--device cpu {shlex.join(method.flags)}", flush=True)
             else:
@@ -430,9 +441,11 @@ def sanity_checks(short: dict[str, dict[str, Any]], majority: float) -> list[dic
             for name, value, bound in checks]
 
 
-def claims(correct: dict[str, list[float]], scenes: Sequence[str]) -> list[dict[str, Any]]:
-    """The claims fixed before the run, at 20 % of the image tokens, each with its paired interval."""
-    ours = correct[f"dynamic-llava I {CLAIM_BUDGET:g}"]
+def claims(correct: dict[str, list[float]], scenes: Sequence[str], ours_row: str = f"dynamic-llava I {CLAIM_BUDGET:g}"
+           ) -> list[dict[str, Any]]:
+    """The claims fixed before the run, at 20 % of the image tokens, each with its paired interval, for the
+    Dynamic-LLaVA row `ours_row`."""
+    ours = correct[ours_row]
     randoms = mean_of(correct, [f"random {CLAIM_BUDGET:g} seed {s}" for s in RANDOM_SEEDS])
     rows = [
         ("Dynamic-LLaVA >= dense (stage 2) - 2", paired_bootstrap(ours, correct["dense (stage 2)"], scenes), -2.0, False),
@@ -484,6 +497,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=DESCRIBE_MAX_NEW_TOKENS,
                         help="greedy description length limit")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--other-stage3", action="append", default=[], metavar="DIR",
+                        help="a Dynamic-LLaVA trained like CHAIN/stage3 with another seed: its 20 %% row and the "
+                             "claims for it are added (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -500,6 +516,10 @@ def run(args: argparse.Namespace) -> int:
                         ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    others = [Path(p) for p in args.other_stage3]
+    for path in others:
+        if not (path / "config.json").is_file():
+            raise UserError(f"--other-stage3 {path}: no config.json (a stage-3 output folder)")
     work = Path(args.work) if args.work else chain / "compare"
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -507,14 +527,20 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer, loaded, processor, _ = load_pretrained_model(model, device="cpu")
     sparse_layer = loaded.config.sparse.sparse_layer
-    methods = short_answer_methods(sparse_layer)
-    short, correct, truth = run_short_answers(chain, data, args.split, args.scenes, work, args.batch_size, methods)
+    methods = short_answer_methods(sparse_layer, len(others))
+    checkpoints = {"stage2": chain / "stage2", "stage3": model,
+                   **{f"stage3 run {run}": path for run, path in enumerate(others, start=2)}}
+    short, correct, truth = run_short_answers(checkpoints, data, args.split, args.scenes, work, args.batch_size,
+                                              methods)
     majority = _majority(data, truth)
     scenes = [scene_of(t) for t in truth]
     typed = only(correct, scenes, [t["category"] == CHECKED_TYPE for t in truth])
     checks = {"overall": sanity_checks(short, majority["overall"]),
               CHECKED_TYPE: sanity_checks(of_type(short, CHECKED_TYPE), majority["per_type"][CHECKED_TYPE])}
     stated = {"overall": claims(correct, scenes), CHECKED_TYPE: claims(*typed)}
+    for run in range(2, 2 + len(others)):
+        stated[f"overall, run {run}"] = claims(correct, scenes, other_run_row(run))
+        stated[f"{CHECKED_TYPE}, run {run}"] = claims(*typed, other_run_row(run))
     controls = {"overall": negative_controls(correct, scenes), CHECKED_TYPE: negative_controls(*typed)}
     tower = loaded.model.vision_tower.vision_tower.config
     text_tokens = _prompt_text_tokens(tokenizer, processor, loaded.config, data, work)
@@ -523,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
                                 generation_methods(sparse_layer), args.max_new_tokens)
     paths, masks = kept_patch_masks(model, data, args.split, args.mask_images, 0.2, sparse_layer)
     results = {
-        "model": str(model), "dense_model": str(chain / "stage2"), "split": args.split, "scenes": args.scenes,
+        "model": str(model), "dense_model": str(chain / "stage2"), "other_runs": [str(p) for p in others], "split": args.split, "scenes": args.scenes,
         "majority_baseline": majority, "sanity_checks": checks, "claims": stated, "negative_controls": controls,
         "shape": {"llm_hidden": loaded.config.hidden_size, "llm_layers": loaded.config.num_hidden_layers,
                   "tower_hidden": tower.hidden_size, "tower_layers": tower.num_hidden_layers,
