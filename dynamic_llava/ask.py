@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .cpu_features import add_dtype_argument
 from .errors import UserError
 from .generation import GenerationConfig, GenerationResult, stream_generate
 from .mm_utils import get_model_name_from_path, load_images
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sparsity_arguments(parser)
     parser.add_argument("--no-cache", action="store_true", help="decode without KV cache (recompute each step)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object with the answer and stats")
     parser.add_argument("--save-mask", default=None, help="PNG showing the kept image patches (dropped: grey)")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UserError
+from .errors import UserError, missing_extra
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -112,6 +112,12 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
         return handler(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # an optional dependency imported where it is needed
+        user_error = missing_extra(error)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         return 2
 
 

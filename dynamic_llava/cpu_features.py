@@ -1,12 +1,14 @@
 """What the CPU can do fast: bf16 matmuls are native on Intel AMX / AVX512-BF16 (about 5x fp32 there) and
-emulated, far slower than fp32, elsewhere (e.g. AMD EPYC with AVX2 only)."""
+emulated, far slower than fp32, elsewhere (e.g. AMD EPYC with AVX2 only); and how much memory is free."""
 
 from __future__ import annotations
 
+import argparse
 from functools import cache
 from pathlib import Path
 
 _NATIVE_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # model.loading.resolve_dtype's names
 
 
 def lists_native_bf16(cpuinfo: str) -> bool:
@@ -22,3 +24,24 @@ def native_bf16() -> bool:
         return lists_native_bf16(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
     except OSError:
         return False
+
+
+def available_memory(meminfo: str | None = None) -> int | None:
+    """Bytes the kernel says a new process can use without swapping (MemAvailable of /proc/meminfo, or of
+    the `meminfo` text given); None where it cannot be told (then nothing is refused for lack of memory)."""
+    if meminfo is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # the file counts kB (KiB)
+    return None
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """The --dtype flag of every command that loads a model (here: parsing it must not import torch)."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto (default): bfloat16 on CPUs with native bf16 (AMX / AVX512-BF16), else float32; "
+                             "float16 on CUDA (bfloat16 for bf16 checkpoints where supported)")

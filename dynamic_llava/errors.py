@@ -1,5 +1,48 @@
 """The one exception type for bad input: the CLI prints its message and exits with code 2."""
 
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+# Optional dependencies and the pyproject extra that installs each (`pip install -e .` alone runs inference).
+EXTRAS = {
+    "accelerate": "train", "peft": "train", "deepspeed": "train", "tensorboard": "train",
+    "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "httpx": "serve", "gradio": "serve",
+    "openai": "eval", "nltk": "eval", "wn": "eval",
+    "matplotlib": "bench",
+}
+
 
 class UserError(ValueError):
     """Input the user can fix (bad path, bad flag value, malformed checkpoint)."""
+
+
+class MissingExtra(UserError):
+    """An optional dependency is not installed: the message names the extra that installs it."""
+
+    def __init__(self, module: str, extra: str | None = None, needed_by: str = "this command") -> None:
+        extra = extra or EXTRAS[module]
+        super().__init__(f"{needed_by} needs {module}, which is not installed: "
+                         f"pip install \"dynamic_llava[{extra}]\" (or \"dynamic_llava[all]\")")
+
+
+def missing_extra(error: ModuleNotFoundError) -> MissingExtra | None:
+    """The MissingExtra for an import that failed on a known optional dependency, else None."""
+    module = (error.name or "").split(".")[0]
+    return MissingExtra(module) if module in EXTRAS else None
+
+
+def require_extra(*modules: str, run_as_main: bool = False) -> None:
+    """Raise MissingExtra for the first of `modules` that is not installed, before importing any of them.
+
+    `run_as_main=True` (a module started with `python -m`, checking before its own top-level imports, where
+    no handler can catch the error): print the message and exit with code 2 instead.
+    """
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            error = MissingExtra(module)
+            if run_as_main:
+                print(f"error: {error}", file=sys.stderr)
+                raise SystemExit(2)
+            raise error

@@ -36,7 +36,8 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _loader_args(model_dir: Path, bench: Path, answers: Path, *extra: str) -> list[str]:
     return ["--model-path", str(model_dir), "--image-folder", str(bench / "images"),
             "--question-file", str(bench / "questions.jsonl"), "--answers-file", str(answers),
-            "--temperature", "0", "--conv-mode", "vicuna_v1", "--max_new_tokens", "6", "--device", "cpu", *extra]
+            "--temperature", "0", "--conv-mode", "vicuna_v1", "--max_new_tokens", "6", "--device", "cpu",
+            "--dtype", "float32", *extra]  # exact: batched and single runs must give the same answers
 
 
 def _answers(path: Path) -> list[dict]:

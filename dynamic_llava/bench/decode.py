@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..cpu_features import native_bf16
+from ..errors import MissingExtra, UserError
 from ..generation import append_token
 from ..model.batch import OUTPUT, TokenBatch
 from ..model.llava import DynamicLlavaForCausalLM
@@ -62,7 +63,8 @@ def _lengths(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=list(SHAPES), required=True)
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="auto: bfloat16 where the CPU runs it natively (AMX / AVX512-BF16), else float32")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096],
                         help="output lengths at which the cached decode is measured")
@@ -226,8 +228,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             import matplotlib
         except ImportError:
-            raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+            raise MissingExtra("matplotlib", needed_by="--plot") from None
         matplotlib.use("Agg")
+    if args.dtype == "auto":  # resolved here so that the printed and saved results name the real dtype
+        args.dtype = "bfloat16" if native_bf16() else "float32"
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     model = build_model(shape, dtype, args.seed)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -34,6 +34,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaCo
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..constants import IMAGE_TOKEN_INDEX
+from ..cpu_features import native_bf16
 from ..errors import UserError
 from ..model.batch import OUTPUT, TokenBatch
 from ..model.cache import SparseKVCache
@@ -362,7 +363,8 @@ def _reference_kv_bytes(out: Any) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=list(SHAPES), required=True,
                         help="real LLaVA-1.5 shapes with random weights, or tiny (seconds; smoke test)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="auto: bfloat16 where the CPU runs it natively (AMX / AVX512-BF16), else float32")
     parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt and image")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefill runs per model (after a warm-up)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps (0: prefill only)")
@@ -372,6 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dtype == "auto":  # resolved here so that the printed and saved results name the real dtype
+        args.dtype = "bfloat16" if native_bf16() else "float32"
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     for name, low in (("batch_size", 1), ("repeats", 1), ("decode_tokens", 0), ("prompt_text_tokens", 2)):
         if getattr(args, name) < low:

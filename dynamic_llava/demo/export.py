@@ -35,7 +35,7 @@ def export_model(source: Path, out: Path, dtype: str = "bfloat16") -> Path:
     tokenizer, model, processor, _ = load_pretrained_model(source, dtype="float32")
     model.config.mm_vision_tower = _TOWER  # relative: resolved inside the checkpoint folder
     model.to(getattr(torch, dtype))
-    model.config.torch_dtype = dtype
+    model.config.dtype = dtype  # written to config.json as torch_dtype (config.torch_dtype: deprecated)
     _replace_dir(out, lambda tmp: save_pretrained_llava(model, tokenizer, tmp, image_processor=processor))
     return out
 

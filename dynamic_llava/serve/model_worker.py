@@ -15,6 +15,10 @@ import threading
 import time
 from typing import Any, AsyncIterator
 
+from ..errors import require_extra  # before the serve extra's imports: one message if it is missing
+
+require_extra("fastapi", "uvicorn", "httpx", run_as_main=__name__ == "__main__")
+
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..cpu_features import add_dtype_argument
 from ..errors import UserError
 from ..mm_utils import get_model_name_from_path
 from ..sparsity_options import add_sparsity_arguments, sparsity_overrides
@@ -18,7 +19,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
     parser.add_argument("--model-name", default=None, help="name clients ask for (default: from --model-path)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     add_sparsity_arguments(parser, no_sparse_help="serve dense LLaVA-1.5 (requests' sparse: true then changes nothing)")
     limits = parser.add_argument_group("batching and limits")
     limits.add_argument("--max-batch-size", type=int, default=8, help="requests generated together in one batch")

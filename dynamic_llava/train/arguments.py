@@ -5,12 +5,16 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import transformers
 
 from ..errors import UserError
+
+# Later transformers 5 releases renamed --gradient_checkpointing(_kwargs) to --activation_checkpointing(_kwargs)
+# and warn on the old names, which LLaVA's scripts use; 5.0 knows only the old ones.
+_CHECKPOINTING_RENAMED = "activation_checkpointing" in {f.name for f in fields(transformers.TrainingArguments)}
 
 
 @dataclass
@@ -90,6 +94,12 @@ class TrainingArguments(transformers.TrainingArguments):
         # Flags transformers 5 renamed, as the seeds' scripts spell them.
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if _CHECKPOINTING_RENAMED:
+            for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                             ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+                if getattr(self, old) is not None and getattr(self, new) is None:
+                    setattr(self, new, getattr(self, old))
+                    setattr(self, old, None)  # transformers mirrors the new value back into it
         if self.warmup_ratio is not None:
             if not 0.0 <= self.warmup_ratio < 1.0:
                 raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPImageProcessor, PreTrainedTokenizerBase
 
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
-from ..errors import UserError
+from ..errors import MissingExtra, UserError
 from ..model.convert import is_predictor_key, read_json, read_state_file, resolve_local, resolve_vision_tower
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.loading import load_base_llm, load_pretrained_model
@@ -126,7 +126,7 @@ def add_lora(model: DynamicLlavaForCausalLM, training_args: TrainingArguments) -
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise UserError("--lora_enable needs peft: pip install peft") from None
+        raise MissingExtra("peft", needed_by="--lora_enable") from None
     trainable = [name for name, p in model.named_parameters() if p.requires_grad and not name.startswith("model.layers.")
                  and not name.startswith(("model.embed_tokens", "lm_head", "model.norm"))]
     config = LoraConfig(r=training_args.lora_r, lora_alpha=training_args.lora_alpha, target_modules=LORA_TARGETS,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..errors import UserError
+from ..errors import UserError, require_extra
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.sparsity_training import SparsityTraining
 from .arguments import ModelArguments, SparseArguments, TrainingArguments
@@ -50,7 +50,11 @@ def _check_reporting(training_args: TrainingArguments) -> None:
 
 def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLlavaTrainer:
     """Parse LLaVA / Dynamic-LLaVA flags, train, and save into --output_dir. Returns the finished trainer."""
+    # transformers' own error for a missing accelerate is a traceback asking for transformers[torch]
+    require_extra("accelerate")
     model_args, data_args, training_args, sparse_args = parse_args(argv)
+    if training_args.lora_enable:
+        require_extra("peft")
     check_model_args(model_args)
     check_data_args(data_args)
     _check_reporting(training_args)
@@ -64,8 +68,6 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
                                                     sparse_args if sparse else None)
     model.sparsity_training = SparsityTraining(sparse_args.gumbel_start_tau) if sparse else None
     set_trainable(model, model_args, training_args, sparse)
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     data_args.is_multimodal = True
     data_module = make_supervised_data_module(tokenizer, data_args, image_processor,
                                               conv_version=model_args.version,
