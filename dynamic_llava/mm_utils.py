@@ -8,9 +8,12 @@ import io
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union
 
+import sentencepiece as spm
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -137,18 +140,172 @@ def process_images(
     return image_processor(list(images), return_tensors="pt")["pixel_values"]
 
 
+# ----------------------------------------------------------------------------- LLaVA's token ids
+SPIECE_UNDERLINE = "\u2581"  # SentencePiece's word-boundary mark
+# Appended to a ModelProto, this record (field 3, normalizer_spec, holding field 3, add_dummy_prefix = false)
+# merges into the model's normalizer: protobuf merges repeated singular message fields, last scalar wins.
+_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+
+
+@dataclass(frozen=True)
+class _AddedToken:
+    content: str
+    id: int
+    lstrip: bool
+    rstrip: bool
+    single_word: bool
+
+
+@dataclass(frozen=True)
+class _SlowLlamaSpec:
+    """What LLaVA's `LlamaTokenizer(use_fast=False)` ids depend on; hashable, so encoders are cached."""
+
+    model_file: str
+    legacy: bool
+    added: tuple[_AddedToken, ...]
+    special: frozenset[str]  # all_special_tokens: a leading "▁" before one of these is dropped (legacy=False)
+    unk_token: str
+    prefix_ids: tuple[int, ...]  # BOS when add_bos_token
+    suffix_ids: tuple[int, ...]  # EOS when add_eos_token
+
+
+class SlowLlamaEncoder:
+    """Token ids exactly as LLaVA-1.5 computes them: transformers 4.3x's SentencePiece `LlamaTokenizer`
+    (LLaVA loads it with `use_fast=False`), which the fast tokenizer does not reproduce for text that
+    starts with spaces or a literal "▁", nor (with `legacy`) for text right after a special token.
+
+    Text is split at added tokens (honouring their lstrip / rstrip / single_word flags); each piece is
+    encoded by SentencePiece. `legacy=True`: every piece gets SentencePiece's dummy "▁" prefix.
+    `legacy=False`: "▁" marks in the text become spaces, one "▁" is put in front of the whole text only,
+    pieces are encoded without a dummy prefix (a piece that starts with a space is encoded behind
+    `unk_token`, whose pieces are then removed, so the space is kept), and a leading lone "▁" before a
+    special token is dropped.
+    """
+
+    def __init__(self, spec: _SlowLlamaSpec) -> None:
+        self.spec = spec
+        proto = Path(spec.model_file).read_bytes()
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.LoadFromSerializedProto(proto if spec.legacy else proto + _NO_DUMMY_PREFIX)
+        self.unk_length = len(self.sp.encode(spec.unk_token))
+        self.added = {token.content: token for token in spec.added}
+        contents = sorted(self.added, key=len, reverse=True)  # the longest added token wins at a position
+        self.pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else None
+
+    def __call__(self, text: str) -> list[int]:
+        return [*self.spec.prefix_ids, *self.encode(text), *self.spec.suffix_ids]
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` without BOS / EOS."""
+        if not text:
+            return []
+        if not self.spec.legacy:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        ids: list[int] = []
+        for piece, added in self._split(text):
+            ids.extend([added.id] if added is not None else self._encode_piece(piece))
+        if (not self.spec.legacy and len(ids) > 1 and self.sp.id_to_piece(ids[0]) == SPIECE_UNDERLINE
+                and self._token_text(ids[1]) in self.spec.special):
+            ids = ids[1:]
+        return ids
+
+    def _token_text(self, token_id: int) -> str:
+        for token in self.spec.added:
+            if token.id == token_id:
+                return token.content
+        return self.sp.id_to_piece(token_id)
+
+    def _split(self, text: str) -> list[tuple[str, _AddedToken | None]]:
+        """Text pieces and added tokens, in order, with the added tokens' whitespace rules applied."""
+        parts = [part for part in self.pattern.split(text) if part] if self.pattern else [text]
+        tokens = [self.added.get(part) for part in parts]
+        for i, token in enumerate(tokens):
+            if token is None:
+                continue
+            left = parts[i - 1] if i > 0 else ""
+            right = parts[i + 1] if i + 1 < len(parts) else ""
+            if token.rstrip and right:
+                parts[i + 1] = right.lstrip()
+            if token.lstrip and left:
+                parts[i - 1] = left.rstrip()
+            # A single-word token glued to a neighbour is plain text of that neighbour.
+            if token.single_word and left and left[-1] != " ":
+                parts[i - 1], parts[i], tokens[i - 1], tokens[i] = parts[i - 1] + parts[i], "", None, None
+            elif token.single_word and right and right[0] != " ":
+                parts[i + 1], parts[i], tokens[i + 1], tokens[i] = parts[i] + parts[i + 1], "", None, None
+        return [(part, token) for part, token in zip(parts, tokens) if part]
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        if self.spec.legacy or not piece.startswith((SPIECE_UNDERLINE, " ")):
+            return self.sp.encode(piece)
+        ids = self.sp.encode(self.spec.unk_token + piece)
+        return ids[self.unk_length:] if len(ids) >= self.unk_length else ids
+
+
+@lru_cache(maxsize=8)
+def _slow_llama_encoder(spec: _SlowLlamaSpec) -> SlowLlamaEncoder:
+    return SlowLlamaEncoder(spec)
+
+
+def slow_llama_encoder(tokenizer: Any) -> SlowLlamaEncoder | None:
+    """The LLaVA-exact encoder for a LLaMA-family tokenizer with its SentencePiece model at hand, else None.
+
+    Read from the tokenizer as loaded: its `tokenizer.model`, `legacy` (a missing setting counts as True,
+    as transformers 4.3x reads it), added tokens, BOS / EOS settings.
+    """
+    model_file = getattr(tokenizer, "vocab_file", None)
+    if not model_file or not str(model_file).endswith(".model") or not os.path.isfile(model_file):
+        return None
+    added = tuple(
+        _AddedToken(str(token.content), int(token_id), bool(token.lstrip), bool(token.rstrip),
+                    bool(token.single_word))
+        for token_id, token in sorted(tokenizer.added_tokens_decoder.items())
+    )
+    prefix, suffix = _special_ids_around(tokenizer)
+    spec = _SlowLlamaSpec(
+        model_file=str(model_file),
+        legacy=bool(getattr(tokenizer, "legacy", True)),
+        added=added,
+        # transformers 4.3x counts tokens added with `special_tokens=True` among all_special_tokens; 5.x does not.
+        special=frozenset(map(str, tokenizer.all_special_tokens)) | {
+            str(token.content) for token in tokenizer.added_tokens_decoder.values() if token.special},
+        unk_token=str(tokenizer.unk_token),
+        prefix_ids=prefix,
+        suffix_ids=suffix,
+    )
+    return _slow_llama_encoder(spec)
+
+
+def _special_ids_around(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids the tokenizer puts before and after a text (BOS / EOS), read from what it does: its
+    `add_bos_token` attribute does not always say (transformers 5 keeps them in tokenizer.json)."""
+    bare = list(tokenizer("a", add_special_tokens=False).input_ids)
+    full = list(tokenizer("a").input_ids)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return tuple(full[:start]), tuple(full[start + len(bare):])
+    raise ValueError(f"cannot tell the special tokens {type(tokenizer).__name__} adds around a text")
+
+
+def llava_token_ids(text: str, tokenizer: Any) -> list[int]:
+    """`tokenizer(text).input_ids` as LLaVA-1.5 computes it (BOS included): the slow SentencePiece LLaMA
+    tokenizer's ids where the tokenizer has its `tokenizer.model`, the tokenizer's own ids otherwise."""
+    encoder = slow_llama_encoder(tokenizer)
+    return encoder(text) if encoder is not None else list(tokenizer(text).input_ids)
+
+
 def tokenizer_image_token(
     prompt: str,
     tokenizer: Any,
     image_token_index: int = IMAGE_TOKEN_INDEX,
     return_tensors: str | None = None,
 ) -> list[int] | torch.Tensor:
-    """Token ids for `prompt` with each `<image>` replaced by `image_token_index`.
+    """Token ids for `prompt` with each `<image>` replaced by `image_token_index`, as LLaVA computes them.
 
-    Text between placeholders is tokenised chunk by chunk (as LLaVA does, so ids match what
+    Text between placeholders is tokenised chunk by chunk with `llava_token_ids` (so ids match what
     checkpoints were trained on); only the first chunk keeps the tokenizer's BOS.
     """
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    chunks = [llava_token_ids(chunk, tokenizer) for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
     has_bos = tokenizer.bos_token_id is not None and chunks[0][:1] == [tokenizer.bos_token_id]
     input_ids = list(chunks[0])
     for chunk in chunks[1:]:

@@ -41,13 +41,26 @@ from dynamic_llava.train.trainer import DynamicLlavaTrainer
 QUESTIONS = ["What is in the picture?", "How many cats are there?", "Why is the sky blue?"]
 ANSWERS = ["A red cat sits on the table.", "There are 3 cats, and 12 dogs!", "Because of (Rayleigh) scattering."]
 # What each template puts after a reply; it must be supervised with the reply.
-END_OF_TURN = {"v0": "###", "llava_v0": "###", "v1": "</s>", "llava_v1": "</s>", "mpt": "<|im_end|>",
-               "llama_2": " </s>", "llava_llama_2": " </s>"}
+END_OF_TURN = {"v0": "###", "llava_v0": "###", "v1": "</s>", "llava_v1": "</s>", "llama_2": " </s>",
+               "llava_llama_2": " </s>"}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llava_dir: Path):
     return open_tokenizer(tiny_llava_dir)
+
+
+@pytest.fixture(scope="module")
+def legacy_tokenizer(tiny_llava_dir: Path, tmp_path_factory):
+    """The tiny tokenizer with `legacy: true`. With `legacy: false` (the tiny checkpoint's, as
+    llava-v1.5-7b's), LLaVA's v1 round counting does not fit this tiny vocabulary after the first round
+    ("</s>USER" splits differently from "USER"), so LLaVA masks multi-round v1 samples entirely."""
+    folder = tmp_path_factory.mktemp("legacy_tokenizer")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_llava_dir / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    return open_tokenizer(folder)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +129,8 @@ def make_dataset(tokenizer, image_processor, data_path: Path, image_folder: Path
 
 # ----------------------------------------------------------------------------- labels per template
 @pytest.mark.parametrize("version", sorted(END_OF_TURN))
-def test_multi_turn_labels_are_exactly_the_replies(tokenizer, version):
+def test_multi_turn_labels_are_exactly_the_replies(legacy_tokenizer, version):
+    tokenizer = legacy_tokenizer
     turns = conversation(3)
     input_ids, labels = preprocess(turns, 1, tokenizer, PromptFormat(version), "s0")
 
@@ -131,6 +145,24 @@ def test_multi_turn_labels_are_exactly_the_replies(tokenizer, version):
     assert labels[len(prompt_ids) - 1] == IGNORE_INDEX and labels[len(prompt_ids)] != IGNORE_INDEX
 
 
+def test_multi_round_v1_with_legacy_false_is_masked_as_llava_masks_it(tokenizer):
+    with pytest.warns(UserWarning, match="sample s0: .*tokenization mismatch"):
+        input_ids, labels = preprocess(conversation(2), 1, tokenizer, PromptFormat("v1"), "s0")
+    assert (labels == IGNORE_INDEX).all() and len(labels) == len(input_ids)
+    # One round has no later round to miscount.
+    _, labels = preprocess(conversation(1), 1, tokenizer, PromptFormat("v1"), "s1")
+    assert [tokenizer.decode(run) for run in supervised_runs(labels)] == [ANSWERS[0] + "</s>"]
+
+
+@pytest.mark.parametrize("version", ["mpt", "chatml_direct"])
+def test_chatml_templates_mask_everything_with_a_llama_tokenizer(legacy_tokenizer, version):
+    """LLaVA's preprocess_mpt counts rounds for a tokenizer without BOS; with LLaMA's it never fits."""
+    with pytest.warns(UserWarning, match="tokenization mismatch"):
+        input_ids, labels = preprocess(conversation(2), 1, legacy_tokenizer, PromptFormat(version), "s0")
+    assert input_ids.tolist() == tokenizer_image_token(inference_prompt(version, conversation(2)), legacy_tokenizer)
+    assert (labels == IGNORE_INDEX).all()
+
+
 def test_plain_supervises_caption_and_newline_only(tokenizer):
     turns = [{"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": ANSWERS[0]}]
     input_ids, labels = preprocess(turns, 1, tokenizer, PromptFormat("plain"), "s0")
@@ -141,7 +173,8 @@ def test_plain_supervises_caption_and_newline_only(tokenizer):
     assert [tokenizer.decode(run) for run in supervised_runs(labels)] == [ANSWERS[0] + "\n"]
 
 
-def test_image_inside_the_first_turn_moves_to_its_front(tokenizer):
+def test_image_inside_the_first_turn_moves_to_its_front(legacy_tokenizer):
+    tokenizer = legacy_tokenizer
     turns = conversation(2, first_question="What is in <image> the picture?")
     input_ids, labels = preprocess(turns, 1, tokenizer, PromptFormat("v1"), "s0")
 
@@ -178,6 +211,7 @@ def test_placeholder_count_must_match_the_images(tokenizer):
 
 
 def test_misaligned_answer_boundary_masks_the_sample_and_warns(tokenizer, monkeypatch):
+    """v0 (not counted the LLaVA way, see preprocess) supervises from the prompt's own token counts."""
     render = preprocess_module.render
 
     def shifted(*args):
@@ -186,7 +220,7 @@ def test_misaligned_answer_boundary_masks_the_sample_and_warns(tokenizer, monkey
 
     monkeypatch.setattr(preprocess_module, "render", shifted)
     with pytest.warns(UserWarning, match="sample bad-7"):
-        input_ids, labels = preprocess(conversation(1), 1, tokenizer, PromptFormat("v1"), "bad-7")
+        input_ids, labels = preprocess(conversation(1), 1, tokenizer, PromptFormat("v0"), "bad-7")
     assert len(labels) == len(input_ids) and (labels == IGNORE_INDEX).all()
 
 

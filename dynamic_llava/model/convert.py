@@ -278,13 +278,21 @@ def check_keys(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Siz
 
 # ----------------------------------------------------------------------------- tokenizer, processor, tower
 def open_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer files of a checkpoint folder, as saved."""
+    """The tokenizer files of a checkpoint folder, as saved.
+
+    A SentencePiece tokenizer whose tokenizer_config.json has no `legacy` key gets `legacy=True`: that is
+    how LLaVA's transformers (4.3x) reads such a folder, and `legacy` changes the ids of text after special
+    tokens (see `mm_utils.SlowLlamaEncoder`); transformers 5 would read it as False.
+    """
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"no tokenizer in {path} (tokenizer.model or tokenizer.json); copy the tokenizer files "
                         "of the base LLM (e.g. lmsys/vicuna-7b-v1.5) into that folder")
+    config_file = path / "tokenizer_config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    kwargs = {"legacy": True} if (path / "tokenizer.model").is_file() and "legacy" not in config else {}
     try:
         # AutoConfig does not know LLaVA's `llava_llama`; the language model is LLaMA either way.
-        return AutoTokenizer.from_pretrained(path, config=LlamaConfig(), local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, config=LlamaConfig(), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the tokenizer in {path}: {err}") from None
 
@@ -400,7 +408,8 @@ def save_state_dict(state: StateDict, out: Path, max_shard_size: int | str = "5G
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, drop_tokens: tuple[str, ...] = ()) -> None:
-    """The tokenizer files, plus the SentencePiece model the original LLaVA code (slow tokenizer) reads.
+    """The tokenizer files, plus the SentencePiece model the original LLaVA code (slow tokenizer) reads and
+    the tokenizer_config.json keys it needs (see `_complete_tokenizer_config`).
 
     `drop_tokens` are added tokens removed from the saved files (transformers cannot remove them in memory).
     """
@@ -408,6 +417,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, drop_tokens: t
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if vocab_file and Path(vocab_file).is_file() and not (out / "tokenizer.model").exists():
         shutil.copyfile(vocab_file, out / "tokenizer.model")
+    _complete_tokenizer_config(tokenizer, out / "tokenizer_config.json")
 
     def kept(entry: Any) -> bool:
         return (entry.get("content") if isinstance(entry, dict) else entry) not in drop_tokens
@@ -422,6 +432,31 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, drop_tokens: t
         if isinstance(data.get("added_tokens_decoder"), dict):
             data["added_tokens_decoder"] = {k: v for k, v in data["added_tokens_decoder"].items() if kept(v)}
         file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _complete_tokenizer_config(tokenizer: PreTrainedTokenizerBase, file: Path) -> None:
+    """Put back into tokenizer_config.json what the slow tokenizer of LLaVA's transformers (4.3x) reads and
+    transformers 5 leaves out: every key of the source folder's config (`legacy`, `add_bos_token`, ...),
+    `legacy` as this tokenizer reads it (a missing key would be read as True there), the added tokens."""
+    config = read_json(file) if file.is_file() else {}
+    source = Path(str(tokenizer.name_or_path)) / "tokenizer_config.json"
+    if source.is_file() and source.resolve() != file.resolve():
+        config = {**read_json(source), **config}
+    if (file.parent / "tokenizer.model").is_file() and hasattr(tokenizer, "legacy"):  # only SentencePiece reads it
+        config["legacy"] = bool(tokenizer.legacy)
+    added = sorted(tokenizer.added_tokens_decoder.items())
+    config["added_tokens_decoder"] = {
+        str(token_id): {"content": str(token.content), "lstrip": bool(token.lstrip),
+                        "normalized": bool(token.normalized), "rstrip": bool(token.rstrip),
+                        "single_word": bool(token.single_word), "special": bool(token.special)}
+        for token_id, token in added
+    }
+    # 4.3x counts a special added token (e.g. <im_start>) among all_special_tokens only when listed here.
+    named = {str(t) for t in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) if t}
+    extra = [str(token.content) for _, token in added if token.special and str(token.content) not in named]
+    if extra:
+        config["additional_special_tokens"] = extra
+    file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_clip_tower(clip_config: CLIPVisionConfig, state: Mapping[str, torch.Tensor],

@@ -14,7 +14,7 @@ from transformers.initialization import no_init_weights
 
 from ..errors import UserError
 from ..model.config import DynamicLlavaConfig, SparseConfig
-from ..model.convert import convert_checkpoint
+from ..model.convert import convert_checkpoint, save_tokenizer
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.loading import save_pretrained_llava
 from .tokenizer import train_tiny_tokenizer
@@ -98,6 +98,6 @@ def _make_tiny_base_llm(out: Path, seed: int, **size_overrides: Any) -> Path:
     model.save_pretrained(out)
     with tempfile.TemporaryDirectory() as tmp:
         train_tiny_tokenizer(Path(tmp))
-        AutoTokenizer.from_pretrained(tmp, local_files_only=True).save_pretrained(out)
+        save_tokenizer(AutoTokenizer.from_pretrained(tmp, local_files_only=True), out)
     write_tiny_clip_tower(out / "vision_tower", seed=seed)
     return out

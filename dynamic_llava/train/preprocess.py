@@ -1,11 +1,18 @@
-"""One LLaVA conversation -> `input_ids` and `labels` for supervised training.
+"""One LLaVA conversation -> `input_ids` and `labels` for supervised training, as LLaVA-1.5 makes them.
 
-The prompt string is rendered by the inference templates (`conversation.py`), so training sees
-exactly the ids inference builds for the same conversation. Labels are exact by construction: each
-assistant reply (with its end-of-turn separator) is a character span of that prompt, found by
-rendering the conversation with the reply open and closed; the tokenizer's character offsets then
-say which tokens fall inside a span. A token that straddles a span boundary would make the labels
-ambiguous: such a sample is masked entirely (and a warning names it) rather than trained on.
+The prompt string is rendered by the inference templates (`conversation.py`, byte for byte LLaVA's) and
+tokenised by `tokenizer_image_token` (LLaVA's ids, see `mm_utils.SlowLlamaEncoder`), so training sees
+exactly the ids inference builds. Labels follow LLaVA's `preprocess` functions (llava/train/train.py),
+which count tokens instead of locating characters: the conversation is cut into rounds at the template's
+end-of-turn separator, and each round's instruction (up to and including the assistant's role marker) is
+masked by the token count of that text tokenised on its own, with LLaVA's fixed corrections for the BOS
+and the space before the reply. When the counted length disagrees with the real one ("tokenization
+mismatch" in LLaVA) the whole sample is masked, with a warning. Templates: `v1` / `vicuna_v1` /
+`llava_v1`, `plain`, the LLaMA-2 style ones (`llama_2`, `llava_llama_2`, `mistral_instruct`) and the
+ChatML ones (`mpt`, `chatml_direct`: with a LLaMA tokenizer LLaVA's count never matches, so every such
+sample is masked, as in LLaVA). LLaVA trains `v0` on an older prompt layout of its own; here `v0` /
+`llava_v0` use their inference prompt, each reply supervised from the token count of the prompt up to
+it.
 
 Image placeholders follow LLaVA-1.5's training layout: the `<image>` tokens of a human turn move to
 its front, one `<image>\\n` per image, followed by the rest of the turn stripped.
@@ -27,8 +34,9 @@ from dynamic_llava.constants import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
 )
-from dynamic_llava.conversation import SeparatorStyle, get_conv_template
+from dynamic_llava.conversation import Conversation, SeparatorStyle, get_conv_template
 from dynamic_llava.errors import UserError
+from dynamic_llava.mm_utils import tokenizer_image_token
 
 HUMAN, ASSISTANT = 0, 1
 _ROLES = {"human": HUMAN, "gpt": ASSISTANT}
@@ -88,7 +96,8 @@ def _place_images(turns: list[Turn], num_images: int, mm_use_im_start_end: bool,
     placed = []
     for (role, text), count in zip(turns, counts):
         if count:
-            text = (token + "\n") * count + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+            # LLaVA strips the result too: a turn holding only the image is "<image>", no newline.
+            text = ((token + "\n") * count + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
         placed.append((role, text))
     return placed
 
@@ -125,50 +134,81 @@ def render(turns: Sequence[Turn], conv_version: str, num_images: int, sample_id:
     return prompt, [(len(opened), len(closed)) for opened, closed in renderings]
 
 
-def tokenize_with_offsets(prompt: str, tokenizer: Any) -> tuple[list[int], list[Span]]:
-    """`tokenizer_image_token(prompt)` plus each token's character span in `prompt`.
+def _ignore(labels: list[int], start: int, stop: int | None = None) -> None:
+    """`labels[start:stop] = IGNORE_INDEX` with Python slice semantics (LLaVA slices the same way)."""
+    labels[start:stop] = [IGNORE_INDEX] * len(labels[start:stop])
 
-    Same chunking as inference: text between `<image>` placeholders is tokenised on its own and
-    only the first chunk keeps the BOS; each placeholder is IMAGE_TOKEN_INDEX spanning `<image>`.
-    """
-    if not tokenizer.is_fast:
-        raise UserError("training needs a fast (tokenizers-backed) tokenizer: labels use character offsets")
-    ids: list[int] = []
-    offsets: list[Span] = []
-    start = 0
-    for i, chunk in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
+
+@dataclass(frozen=True)
+class _RoundRule:
+    """How one of LLaVA's preprocess functions counts a conversation's rounds."""
+
+    answer_marker: str  # what ends a round's instruction (the assistant's role marker)
+    start: int  # tokens masked before the first round (the BOS)
+    trim: int  # subtracted from the instruction's own token count (its BOS, the space before the reply)
+    later_round_shift: int  # added to the counts of every round but the first
+    chatml: bool = False  # rounds cut at every separator, then regrouped into system + user + reply, user + reply
+
+
+def _round_rule(conv: Conversation, tokenizer: Any) -> _RoundRule | None:
+    """LLaVA's rule for this template (its `preprocess` dispatch), None for templates it has none for."""
+    if conv.sep_style is SeparatorStyle.LLAMA_2:  # preprocess_llama_2
+        return _RoundRule("[/INST] ", 1, 2, 0)
+    if conv.version.startswith("v1"):  # preprocess_v1
+        legacy = bool(getattr(tokenizer, "legacy", True))
+        return _RoundRule(conv.sep + conv.roles[ASSISTANT] + ": ", 1, 2, 0 if legacy else -1)
+    if conv.version == "mpt":  # preprocess_mpt
+        legacy = bool(getattr(tokenizer, "legacy", False))
+        return _RoundRule(conv.sep + conv.roles[ASSISTANT], 0, 1, 1 if legacy else 0, chatml=True)
+    return None
+
+
+def _rounds(prompt: str, conv: Conversation, rule: _RoundRule) -> list[str]:
+    """The prompt cut into rounds the way LLaVA's preprocess functions cut it."""
+    if not rule.chatml:
+        return prompt.split(conv.sep2)
+    pieces = prompt.split(conv.sep)
+    return [conv.sep.join(pieces[:3])] + [conv.sep.join(pieces[i:i + 2]) for i in range(3, len(pieces), 2)]
+
+
+def _round_labels(prompt: str, input_ids: list[int], conv: Conversation, rule: _RoundRule, tokenizer: Any,
+                  has_image: bool) -> list[int] | None:
+    """LLaVA's labels for a round-based template; None on its "tokenization mismatch"."""
+    labels = list(input_ids)
+    cur = rule.start
+    _ignore(labels, 0, cur)
+    for i, round_text in enumerate(_rounds(prompt, conv, rule)):
+        parts = round_text.split(rule.answer_marker)
+        if not round_text or len(parts) != 2:
+            break
+        round_len = len(tokenizer_image_token(round_text, tokenizer))
+        instruction_len = len(tokenizer_image_token(parts[0] + rule.answer_marker, tokenizer)) - rule.trim
         if i:
-            ids.append(IMAGE_TOKEN_INDEX)
-            offsets.append((start - len(DEFAULT_IMAGE_TOKEN), start))
-        encoded = tokenizer(chunk, return_offsets_mapping=True)
-        chunk_ids, chunk_offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
-        if i == 0:
-            has_bos = tokenizer.bos_token_id is not None and chunk_ids[:1] == [tokenizer.bos_token_id]
-        elif has_bos:
-            chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
-        ids.extend(chunk_ids)
-        offsets.extend((start + a, start + b) for a, b in chunk_offsets)
-        start += len(chunk) + len(DEFAULT_IMAGE_TOKEN)
-    return ids, offsets
+            round_len += rule.later_round_shift
+            instruction_len += rule.later_round_shift
+        _ignore(labels, cur, cur + instruction_len)
+        cur += round_len
+    _ignore(labels, cur)
+    # LLaVA cuts text-only samples to model_max_length before counting (image samples are cut later).
+    counted = input_ids if has_image else input_ids[:tokenizer.model_max_length]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    total = sum(token != pad for token in counted)
+    return None if cur < tokenizer.model_max_length and cur != total else labels
 
 
-def supervised_tokens(offsets: Sequence[Span], spans: Sequence[Span], prompt: str) -> list[bool] | None:
-    """Which tokens lie entirely inside an answer span; None when tokens and spans do not line up.
-
-    Lining up means every non-blank character of a span is covered by a token inside it: a token
-    straddling a span boundary leaves characters uncovered. (A blank may have no token of its own,
-    e.g. before `</s>`.)
-    """
-    mask = [False] * len(offsets)
-    for a, b in spans:
-        covered = [False] * (b - a)
-        for t, (start, end) in enumerate(offsets):
-            if a <= start < b and end <= b:
-                mask[t] = True
-                covered[start - a:end - a] = [True] * (end - start)
-        if any(not done and not prompt[a + k].isspace() for k, done in enumerate(covered)):
-            return None
-    return mask
+def _prefix_labels(prompt: str, input_ids: list[int], spans: Sequence[Span], tokenizer: Any) -> list[int] | None:
+    """Each reply supervised from the token count of the prompt up to it to that of the prompt through it;
+    None when those prompts' ids are not prefixes of the whole prompt's (a token straddles a boundary)."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, stop in spans:
+        bounds = []
+        for end in (start, stop):
+            prefix = tokenizer_image_token(prompt[:end], tokenizer)
+            if input_ids[:len(prefix)] != prefix:
+                return None
+            bounds.append(len(prefix))
+        labels[bounds[0]:bounds[1]] = input_ids[bounds[0]:bounds[1]]
+    return labels
 
 
 def preprocess(conversations: Any, num_images: int, tokenizer: Any, prompt_format: PromptFormat,
@@ -176,19 +216,28 @@ def preprocess(conversations: Any, num_images: int, tokenizer: Any, prompt_forma
     """`input_ids` and `labels` (LongTensors of one length, not truncated) for one LLaVA conversation.
 
     `input_ids` hold IMAGE_TOKEN_INDEX per image; labels are IGNORE_INDEX except on the assistant
-    replies and their end-of-turn separator (e.g. `</s>` for v1, `###` for v0, caption + "\\n" for plain).
+    replies and their end-of-turn separator (e.g. `</s>` for v1, caption + "\\n" for plain), as LLaVA's
+    token counting places them.
     """
     turns = parse_turns(conversations, num_images, prompt_format.mm_use_im_start_end, sample_id)
     prompt, spans = render(turns, prompt_format.conv_version, num_images, sample_id)
-    ids, offsets = tokenize_with_offsets(prompt, tokenizer)
-    mask = supervised_tokens(offsets, spans, prompt)
-    if mask is None:
-        warnings.warn(f"sample {sample_id}: tokens do not line up with the answer boundaries; "
-                      "the sample is kept but none of its tokens is supervised", stacklevel=2)
-        mask = [False] * len(ids)
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    labels = torch.where(torch.tensor(mask), input_ids, IGNORE_INDEX)
-    return input_ids, labels
+    input_ids = tokenizer_image_token(prompt, tokenizer)
+    conv = get_conv_template(prompt_format.conv_version)
+    rule = _round_rule(conv, tokenizer)
+    labels: list[int] | None
+    if conv.sep_style is SeparatorStyle.PLAIN:  # preprocess_plain: everything after the image(s)
+        labels = list(input_ids)
+        _ignore(labels, 0, len(tokenizer_image_token(DEFAULT_IMAGE_TOKEN * num_images, tokenizer)))
+    elif rule is not None:
+        labels = _round_labels(prompt, input_ids, conv, rule, tokenizer, has_image=num_images > 0)
+    else:
+        labels = _prefix_labels(prompt, input_ids, spans, tokenizer)
+    if labels is None:
+        warnings.warn(f"sample {sample_id}: tokens do not line up with the answer boundaries (LLaVA's "
+                      "\"tokenization mismatch\"); the sample is kept but none of its tokens is supervised",
+                      stacklevel=2)
+        labels = [IGNORE_INDEX] * len(input_ids)
+    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
 def fit_to_length(input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None,
