@@ -142,6 +142,7 @@ def test_multiple_choice_picks_the_models_answer_with_the_cache_paths_likelihood
     (",vision_policy=oracle", "vision_policy must be one of"),
     (",colour=red", "unknown model_args for dynamic_llava: colour"),
     (",conv_template=nope", "unknown conversation template 'nope'"),
+    (",dtype=float64", "unknown dtype 'float64'"),
 ])
 def test_bad_model_args_exit_2_with_one_message(extra: str, message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -88,7 +88,7 @@ class DynamicLlava(lmms):
 
     @exit_on_user_error
     def __init__(self, pretrained: str | None = None, model_base: str | None = None,
-                 conv_template: str = "vicuna_v1", device: str | None = None, dtype: str | None = None,
+                 conv_template: str = "vicuna_v1", device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, sparse: bool = True, vision_keep_rate: float | None = None,
                  output_text_keep_rate: float | None = None, vision_policy: str | None = None,
                  output_policy: str | None = None, sparse_layer: int | None = None, policy_seed: int | None = None,
@@ -141,7 +141,7 @@ class DynamicLlava(lmms):
                                     f"{error.strerror or error}") from None
         self._tokenizer, self._model, self._image_processor, _ = load_pretrained_model(
             self.pretrained, None if model_base is None else str(model_base), device=device,
-            dtype=None if dtype is None else str(dtype), **sparsity_overrides(flags))
+            dtype=str(dtype), **sparsity_overrides(flags))  # "auto": as every command's --dtype
         self._model.eval()
         self._records: list[dict[str, Any]] = []
         self._seconds = 0.0
