@@ -11,6 +11,7 @@ EXTRAS = {
     "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "httpx": "serve", "gradio": "serve",
     "openai": "eval", "nltk": "eval", "wn": "eval",
     "matplotlib": "bench",
+    "lmms_eval": "lmms",
 }
 
 
