@@ -233,7 +233,8 @@ def evaluate(recipe: Recipe, model: Path, data: Path, out: Path, dense: bool) ->
     answers = out / "answers.jsonl"
     argv = ["--model-path", str(model), "--question-file", str(data / "test" / "questions.jsonl"),
             "--image-folder", str(data / "images"), "--answers-file", str(answers), "--conv-mode", "llava_v1",
-            "--batch-size", str(recipe.eval_batch_size), "--max-new-tokens", "8", "--device", "cpu"]
+            "--batch-size", str(recipe.eval_batch_size), "--max-new-tokens", "8", "--device", "cpu",
+            "--dtype", "float32"]  # as `demo compare` runs them, whatever the CPU's bf16 support
     if model_vqa_loader.main([*argv, "--no-sparse"] if dense else argv) != 0:
         raise UserError(f"evaluation of {model} failed (see the error above)")
     rows = read_jsonl(answers)
