@@ -193,6 +193,14 @@ def test_saved_tokenizer_config_keeps_every_key_and_legacy(legacy, tiny_tokenize
         assert tokenizer_image_token(text, again) == tokenizer_image_token(text, tokenizer)
 
 
+def test_saving_over_the_source_folder_keeps_its_keys(tiny_tokenizer_dir, tmp_path):
+    source = variant_dir(tiny_tokenizer_dir, None, tmp_path)
+    original = json.loads((source / "tokenizer_config.json").read_text())
+    save_tokenizer(open_tokenizer(source), source)
+    written = json.loads((source / "tokenizer_config.json").read_text())
+    assert set(original) <= set(written) and written["legacy"] is True
+
+
 def test_saved_added_tokens_stay_special(tiny_tokenizer_dir, tmp_path):
     tokenizer = open_tokenizer(variant_dir(tiny_tokenizer_dir, False, tmp_path))
     tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
@@ -206,10 +214,10 @@ def test_saved_added_tokens_stay_special(tiny_tokenizer_dir, tmp_path):
     assert tokenizer_image_token(prompt, open_tokenizer(tmp_path / "saved")) == tokenizer_image_token(prompt, tokenizer)
 
 
-def test_tiny_checkpoint_ships_legacy_false(tiny_llava_dir):
-    """make-tiny writes the config of liuhaotian/llava-v1.5-7b, `legacy: false` included."""
+def test_tiny_checkpoint_writes_legacy(tiny_llava_dir):
+    """make-tiny writes the tokenizer config with its `legacy` (true, see tiny/tokenizer.py) and the model."""
     written = json.loads((tiny_llava_dir / "tokenizer_config.json").read_text())
-    assert written["legacy"] is False and written["add_bos_token"] is True
+    assert written["legacy"] is True and written["add_bos_token"] is True
     assert (tiny_llava_dir / "tokenizer.model").is_file()
 
 

@@ -51,15 +51,13 @@ def tokenizer(tiny_llava_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def legacy_tokenizer(tiny_llava_dir: Path, tmp_path_factory):
-    """The tiny tokenizer with `legacy: true`. With `legacy: false` (the tiny checkpoint's, as
-    llava-v1.5-7b's), LLaVA's v1 round counting does not fit this tiny vocabulary after the first round
-    ("</s>USER" splits differently from "USER"), so LLaVA masks multi-round v1 samples entirely."""
-    folder = tmp_path_factory.mktemp("legacy_tokenizer")
+def modern_tokenizer(tiny_llava_dir: Path, tmp_path_factory):
+    """The tiny tokenizer with `legacy: false` (llava-v1.5-7b's setting; the tiny checkpoint's is true)."""
+    folder = tmp_path_factory.mktemp("modern_tokenizer")
     for name in ("tokenizer.model", "tokenizer_config.json"):
         (folder / name).write_bytes((tiny_llava_dir / name).read_bytes())
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": False}))
     return open_tokenizer(folder)
 
 
@@ -129,8 +127,7 @@ def make_dataset(tokenizer, image_processor, data_path: Path, image_folder: Path
 
 # ----------------------------------------------------------------------------- labels per template
 @pytest.mark.parametrize("version", sorted(END_OF_TURN))
-def test_multi_turn_labels_are_exactly_the_replies(legacy_tokenizer, version):
-    tokenizer = legacy_tokenizer
+def test_multi_turn_labels_are_exactly_the_replies(tokenizer, version):
     turns = conversation(3)
     input_ids, labels = preprocess(turns, 1, tokenizer, PromptFormat(version), "s0")
 
@@ -145,21 +142,37 @@ def test_multi_turn_labels_are_exactly_the_replies(legacy_tokenizer, version):
     assert labels[len(prompt_ids) - 1] == IGNORE_INDEX and labels[len(prompt_ids)] != IGNORE_INDEX
 
 
-def test_multi_round_v1_with_legacy_false_is_masked_as_llava_masks_it(tokenizer):
+def test_a_separator_inside_a_reply_masks_the_sample_as_llava_does(tokenizer):
+    """LLaVA cuts v1 rounds at "</s>": one inside a reply makes its count miss, and the sample is masked."""
+    turns = conversation(2)
+    turns[1]["value"] = "It ends with </s> inside."
     with pytest.warns(UserWarning, match="sample s0: .*tokenization mismatch"):
-        input_ids, labels = preprocess(conversation(2), 1, tokenizer, PromptFormat("v1"), "s0")
+        input_ids, labels = preprocess(turns, 1, tokenizer, PromptFormat("v1"), "s0")
     assert (labels == IGNORE_INDEX).all() and len(labels) == len(input_ids)
-    # One round has no later round to miscount.
-    _, labels = preprocess(conversation(1), 1, tokenizer, PromptFormat("v1"), "s1")
-    assert [tokenizer.decode(run) for run in supervised_runs(labels)] == [ANSWERS[0] + "</s>"]
+
+
+@pytest.mark.parametrize("version", ["llama_2", "v1"])
+def test_legacy_false_keeps_llava_s_labels_where_its_count_fits(modern_tokenizer, version):
+    """Under `legacy: false` LLaVA shifts v1's later rounds by one token, which this tiny vocabulary does
+    not fit: LLaVA masks such samples, and so does preprocess; LLaMA-2 rounds are not shifted."""
+    if version == "v1":
+        with pytest.warns(UserWarning, match="sample s0: .*tokenization mismatch"):
+            _, labels = preprocess(conversation(2), 1, modern_tokenizer, PromptFormat(version), "s0")
+        assert (labels == IGNORE_INDEX).all()
+    else:
+        _, labels = preprocess(conversation(2), 1, modern_tokenizer, PromptFormat(version), "s0")
+        decoded = [modern_tokenizer.decode(run) for run in supervised_runs(labels)]
+        assert decoded == [a + END_OF_TURN[version] for a in ANSWERS[:2]]
+    _, labels = preprocess(conversation(1), 1, modern_tokenizer, PromptFormat(version), "s1")  # one round
+    assert [modern_tokenizer.decode(run) for run in supervised_runs(labels)] == [ANSWERS[0] + END_OF_TURN[version]]
 
 
 @pytest.mark.parametrize("version", ["mpt", "chatml_direct"])
-def test_chatml_templates_mask_everything_with_a_llama_tokenizer(legacy_tokenizer, version):
+def test_chatml_templates_mask_everything_with_a_llama_tokenizer(tokenizer, version):
     """LLaVA's preprocess_mpt counts rounds for a tokenizer without BOS; with LLaMA's it never fits."""
     with pytest.warns(UserWarning, match="tokenization mismatch"):
-        input_ids, labels = preprocess(conversation(2), 1, legacy_tokenizer, PromptFormat(version), "s0")
-    assert input_ids.tolist() == tokenizer_image_token(inference_prompt(version, conversation(2)), legacy_tokenizer)
+        input_ids, labels = preprocess(conversation(2), 1, tokenizer, PromptFormat(version), "s0")
+    assert input_ids.tolist() == tokenizer_image_token(inference_prompt(version, conversation(2)), tokenizer)
     assert (labels == IGNORE_INDEX).all()
 
 
@@ -173,8 +186,7 @@ def test_plain_supervises_caption_and_newline_only(tokenizer):
     assert [tokenizer.decode(run) for run in supervised_runs(labels)] == [ANSWERS[0] + "\n"]
 
 
-def test_image_inside_the_first_turn_moves_to_its_front(legacy_tokenizer):
-    tokenizer = legacy_tokenizer
+def test_image_inside_the_first_turn_moves_to_its_front(tokenizer):
     turns = conversation(2, first_question="What is in <image> the picture?")
     input_ids, labels = preprocess(turns, 1, tokenizer, PromptFormat("v1"), "s0")
 

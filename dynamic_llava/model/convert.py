@@ -413,11 +413,13 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, drop_tokens: t
 
     `drop_tokens` are added tokens removed from the saved files (transformers cannot remove them in memory).
     """
+    source = Path(str(tokenizer.name_or_path)) / "tokenizer_config.json"
+    source_config = read_json(source) if source.is_file() else {}  # read first: `out` may be the source
     tokenizer.save_pretrained(out)
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if vocab_file and Path(vocab_file).is_file() and not (out / "tokenizer.model").exists():
         shutil.copyfile(vocab_file, out / "tokenizer.model")
-    _complete_tokenizer_config(tokenizer, out / "tokenizer_config.json")
+    _complete_tokenizer_config(tokenizer, out / "tokenizer_config.json", source_config)
 
     def kept(entry: Any) -> bool:
         return (entry.get("content") if isinstance(entry, dict) else entry) not in drop_tokens
@@ -434,14 +436,11 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, drop_tokens: t
         file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _complete_tokenizer_config(tokenizer: PreTrainedTokenizerBase, file: Path) -> None:
+def _complete_tokenizer_config(tokenizer: PreTrainedTokenizerBase, file: Path, source_config: dict[str, Any]) -> None:
     """Put back into tokenizer_config.json what the slow tokenizer of LLaVA's transformers (4.3x) reads and
     transformers 5 leaves out: every key of the source folder's config (`legacy`, `add_bos_token`, ...),
     `legacy` as this tokenizer reads it (a missing key would be read as True there), the added tokens."""
-    config = read_json(file) if file.is_file() else {}
-    source = Path(str(tokenizer.name_or_path)) / "tokenizer_config.json"
-    if source.is_file() and source.resolve() != file.resolve():
-        config = {**read_json(source), **config}
+    config = {**source_config, **(read_json(file) if file.is_file() else {})}
     if (file.parent / "tokenizer.model").is_file() and hasattr(tokenizer, "legacy"):  # only SentencePiece reads it
         config["legacy"] = bool(tokenizer.legacy)
     added = sorted(tokenizer.added_tokens_decoder.items())

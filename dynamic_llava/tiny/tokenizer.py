@@ -70,7 +70,13 @@ def _corpus(num_sentences: int = 4000, seed: int = 0) -> Iterator[str]:
 
 
 def _tokenizer_config() -> dict:
-    """tokenizer_config.json modelled on the one released with liuhaotian/llava-v1.5-7b."""
+    """tokenizer_config.json modelled on the one released with liuhaotian/llava-v1.5-7b, except `legacy`.
+
+    `legacy: true` (as a config without the key reads in LLaVA's transformers): with `legacy: false`,
+    LLaVA's preprocess_v1 shifts each later round's token count by one, a correction made for LLaMA's
+    vocabulary that this tiny one does not fit ("USER" after "</s>" is two pieces here, "▁USER" one), so
+    LLaVA-exact labels would mask every multi-round v1 sample.
+    """
 
     def added(content: str) -> dict:
         return {
@@ -88,7 +94,7 @@ def _tokenizer_config() -> dict:
         "bos_token": added("<s>"),
         "clean_up_tokenization_spaces": False,
         "eos_token": added("</s>"),
-        "legacy": False,
+        "legacy": True,
         "model_max_length": 2048,
         "pad_token": None,
         "padding_side": "right",
