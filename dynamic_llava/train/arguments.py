@@ -50,7 +50,8 @@ class SparseArguments:
     output_text_keep_rate: float = field(default=0.5, metadata={"help": "target kept fraction of answer tokens"})
     output_text_len_for_training: int = field(default=50, metadata={"help": "answers shorter than this keep all "
                                                                            "tokens and add no regulariser term"})
-    sparse_layer: int = field(default=2, metadata={"help": "first decoder layer that sees the reduced token set"})
+    sparse_layer: int = field(default=2, metadata={"help": "first decoder layer that sees the reduced token set "
+                                                                 "(0: tokens are dropped before the first layer)"})
     mask_loss_weight: float = field(default=100.0, metadata={"help": "weight of the keep-rate regulariser"})
     gumbel_start_tau: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at step 0"})
     gumbel_end_tau: float = field(default=0.1, metadata={"help": "temperature at the last step (exponential decay)"})
