@@ -136,3 +136,27 @@ def test_bench_auto_records_the_dtype_it_ran(monkeypatch, tmp_path: Path, native
     assert main(["bench", "decode", "--shape", "tiny", "--lengths", "12", "--check-length", "12",
                  "--no-cache-lengths", "", "--window", "4", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["dtype"] == expected
+
+
+def test_only_pre_zip_bin_weights_count_as_read_whole(monkeypatch, tiny_llava_dir: Path, tmp_path: Path) -> None:
+    """torch.load memory-maps a zip-format .bin (LLaVA-1.5's shards), so only a pre-zip file is counted beside
+    the model; both formats load the same weights."""
+    from safetensors.torch import load_file
+
+    from dynamic_llava.model.convert import read_state_file
+
+    n = _tiny_params(tiny_llava_dir)
+    state = load_file(tiny_llava_dir / "model.safetensors")
+    monkeypatch.setattr(loading, "available_memory", lambda: 4 * n + 1000)  # float32 fits, nothing more
+    config = read_checkpoint_config(tiny_llava_dir)[1]
+    for zipped in (True, False):
+        folder = tmp_path / str(zipped)
+        folder.mkdir()
+        torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=zipped)
+        loaded = read_state_file(folder / "pytorch_model.bin")
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+        if zipped:
+            loading.check_fits_memory(config, folder, torch.float32, torch.device("cpu"))
+        else:
+            with pytest.raises(UserError, match="to read the largest .bin weight file"):
+                loading.check_fits_memory(config, folder, torch.float32, torch.device("cpu"))

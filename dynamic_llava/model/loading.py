@@ -7,6 +7,7 @@ device, the layout recognised from the files (see `convert` for the layouts them
 from __future__ import annotations
 
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,14 @@ def check_fits_memory(config: DynamicLlavaConfig, weights_dir: Path, dtype: torc
     """Refuse (UserError) a CPU load whose weights cannot fit the available memory, before anything is allocated.
 
     Counts the language model, projector and predictors (the CLIP tower, ~0.3 B for LLaVA-1.5, and the
-    activations come on top) and, for .bin weights, the largest file: torch.load reads it whole, while
-    safetensors files are memory-mapped."""
+    activations come on top) and the largest .bin file in torch's pre-zip format, which torch.load reads
+    whole (safetensors and zip-format .bin files are memory-mapped)."""
     available = available_memory()
     if device.type != "cpu" or available is None:
         return
     n_params = sum(shape.numel() for shape in expected_shapes(config).values())
-    reading = max((f.stat().st_size for f in weight_files(weights_dir) if f.suffix == ".bin"), default=0)
+    reading = max((f.stat().st_size for f in weight_files(weights_dir)
+                   if f.suffix == ".bin" and not zipfile.is_zipfile(f)), default=0)
     message = memory_shortfall(n_params, reading, dtype, available)
     if message:
         raise UserError(f"{weights_dir}: {message}")
