@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from .errors import UserError, missing_extra
+from .errors import UserError, run_command
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -22,7 +22,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .model.loading import convert_checkpoint
+    from .model.convert import convert_checkpoint
 
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
@@ -105,20 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(p)
     p.set_defaults(handler=compare.run)
     return parser
-
-
-def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return handler(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as error:  # an optional dependency imported where it is needed
-        user_error = missing_extra(error)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

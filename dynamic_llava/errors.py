@@ -1,9 +1,15 @@
-"""The one exception type for bad input: the CLI prints its message and exits with code 2."""
+"""The one exception type for bad input, and `run_command`: the CLI prints its message and exits with code 2.
+
+Imports nothing from the package, so every command (the `dynamic-llava` subcommands and the `python -m`
+scripts) can use it without importing `cli` above it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
+from typing import Callable
 
 # Optional dependencies and the pyproject extra that installs each (`pip install -e .` alone runs inference).
 EXTRAS = {
@@ -47,3 +53,18 @@ def require_extra(*modules: str, run_as_main: bool = False) -> None:
                 print(f"error: {error}", file=sys.stderr)
                 raise SystemExit(2)
             raise error
+
+
+def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`handler(args)`; a UserError (MissingExtra included) or a missing optional dependency: message, code 2."""
+    try:
+        return handler(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # an optional dependency imported where it is needed
+        user_error = missing_extra(error)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return 2

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamic_llava.cli import main, run_command
-from dynamic_llava.errors import EXTRAS, MissingExtra
+from dynamic_llava.cli import main
+from dynamic_llava.errors import EXTRAS, MissingExtra, run_command
 from dynamic_llava.train import train as _train  # noqa: F401
 
 # The training modules are imported above, while accelerate and peft are installed: transformers decides their

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from ..errors import UserError
+from ..errors import UserError, run_command
 from ..model import decoder
 from ..model.config import DynamicLlavaConfig, SparseConfig
 from ..model.llava import DynamicLlavaForCausalLM
@@ -459,8 +459,6 @@ def _print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import run_command
-
     parser = argparse.ArgumentParser(prog="python -m dynamic_llava.bench.train_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one mode, in this process

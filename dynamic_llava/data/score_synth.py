@@ -13,8 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from ..eval.io import read_jsonl, require_keys, write_json_atomic
 from ..eval.vqa_answer import normalize_answer
 

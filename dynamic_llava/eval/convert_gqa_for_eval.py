@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..cli import run_command
+from ..errors import run_command
 from .io import read_jsonl, require_keys, write_json_atomic
 
 

@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_jsonl, read_tsv, require_keys, write_text_atomic
 
 DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")

@@ -13,8 +13,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_json, read_jsonl, require_keys, write_text_atomic
 
 

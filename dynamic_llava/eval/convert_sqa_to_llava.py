@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_json, require_keys, write_json_atomic, write_text_atomic
 
 OPTIONS = ("A", "B", "C", "D", "E")

@@ -11,8 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_jsonl, require_keys, write_json_atomic
 from .vqa_answer import normalize_answer
 

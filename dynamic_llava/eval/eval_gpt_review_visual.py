@@ -18,8 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_json, read_jsonl, require_keys
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."

@@ -11,8 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .convert_gqa_for_eval import normalize_gqa_answer
 from .io import read_json, require_keys
 

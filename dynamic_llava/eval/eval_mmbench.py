@@ -17,8 +17,7 @@ import sys
 from collections import defaultdict
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_jsonl, read_tsv, require_keys, write_json_atomic
 from .model_vqa_mmbench import ALL_OPTIONS, is_none
 

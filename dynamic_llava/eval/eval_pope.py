@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_jsonl, require_keys
 
 

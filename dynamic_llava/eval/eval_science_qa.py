@@ -16,8 +16,7 @@ import re
 import sys
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_json, read_jsonl, require_keys, write_json_atomic
 
 OPTIONS = ("A", "B", "C", "D", "E")

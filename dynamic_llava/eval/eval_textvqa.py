@@ -18,8 +18,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_json, read_jsonl, require_keys
 from .vqa_answer import vqa_accuracy
 

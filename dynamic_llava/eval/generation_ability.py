@@ -12,6 +12,7 @@ For each sample of a question jsonl ({question_id, image, text, answer}), sparse
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -21,10 +22,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..cpu_features import add_dtype_argument
-from ..errors import UserError
+from ..errors import UserError, run_command
 from ..generation import GenerationConfig, generate
 from ..model.llava import DynamicLlavaForCausalLM
-from ..model.policy import TokenPolicy
+from ..model.policy import SparsityOptions, TokenPolicy, make_policy
 from ..prompting import prepare_request
 from ..sparsity_options import sparsity_overrides
 from .io import read_jsonl, require_keys, write_json_atomic
@@ -38,7 +39,7 @@ def teacher_forced_nll(model: DynamicLlavaForCausalLM, input_ids: torch.Tensor, 
     Returns the NLLs, the keep decision of every target token fed back (all but the last), and how many
     of them the first sparse layer's cache holds at the end (fewer than kept for an evicting policy: H2O).
     """
-    policy = policy or model.default_policy()
+    policy = policy or make_policy(model)
     device = model.lm_head.weight.device
     nlls: list[float] = []
     keeps: list[bool] = []
@@ -46,7 +47,7 @@ def teacher_forced_nll(model: DynamicLlavaForCausalLM, input_ids: torch.Tensor, 
         batch = model.embed([input_ids], [pixel_values])
         cache = model.new_cache(1)
         out = model.step(batch, cache, policy)
-        sparse_cache = cache.layers[min(model.sparse_layer, len(cache.layers) - 1)]
+        sparse_cache = cache.layers[min(policy.sparse_layer, len(cache.layers) - 1)]
         prompt_entries = int(sparse_cache.lengths[0])
         position = batch.lengths.to(device)
         for index, token in enumerate(target_ids):
@@ -153,14 +154,16 @@ def read_samples(path: str, image_folder: str, limit: int | None) -> list[dict]:
 
 
 def evaluate_sample(model: DynamicLlavaForCausalLM, tokenizer, image_processor, sample: dict, args: argparse.Namespace,
-                    meteor: Callable[[str, str], float] | None) -> dict:
-    """One sample under the model's current sparsification."""
+                    meteor: Callable[[str, str], float] | None, options: SparsityOptions | None = None) -> dict:
+    """One sample under `options` (default: the model's load options); each pass gets a fresh policy."""
     sources = [Path(args.image_folder) / sample["image"]] if sample.get("image") else []
     request = prepare_request(sample["text"], sources, tokenizer, image_processor, model.config, args.conv_mode)
     target = tokenizer(sample["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    nlls, keeps, held = teacher_forced_nll(model, request.input_ids, request.pixel_values, target)
+    nlls, keeps, held = teacher_forced_nll(model, request.input_ids, request.pixel_values, target,
+                                           make_policy(model, options))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_strings=[request.stop])
-    result = generate(model, tokenizer, [request.input_ids], [request.pixel_values], config)[0]
+    result = generate(model, tokenizer, [request.input_ids], [request.pixel_values], config,
+                      make_policy(model, options))[0]
     return {
         "answer_tokens": len(target),
         "nll_sum": sum(nlls),
@@ -207,9 +210,9 @@ def run(args: argparse.Namespace) -> int:
     modes = ["dense"] if args.no_sparse else ["sparse", "dense"]
     per_mode: dict[str, list[dict]] = {}
     for mode in modes:
-        if mode == "dense":
-            model.set_sparse(sparse=False)
-        per_mode[mode] = [evaluate_sample(model, tokenizer, image_processor, s, args, meteor) for s in samples]
+        options = dataclasses.replace(model.sparsity_options, sparse=mode == "sparse")
+        per_mode[mode] = [evaluate_sample(model, tokenizer, image_processor, s, args, meteor, options)
+                          for s in samples]
     summary = {mode: aggregate(rows) for mode, rows in per_mode.items()}
     write_json_atomic(args.output, {
         "model_path": str(args.model_path),
@@ -233,8 +236,6 @@ def print_table(summary: dict[str, dict]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..cli import run_command
-
     parser = argparse.ArgumentParser(prog="python -m dynamic_llava.eval.generation_ability", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import write_text_atomic
 
 RUNNERS = ("model_vqa_loader", "model_vqa", "model_vqa_science", "model_vqa_mmbench")

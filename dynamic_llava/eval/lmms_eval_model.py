@@ -44,7 +44,7 @@ from ..generation import GenerationConfig, generate
 from ..mm_utils import tokenizer_image_token
 from ..model.batch import IMAGE
 from ..model.loading import load_pretrained_model
-from ..model.config import OUTPUT_RULES, VISION_RULES
+from ..model.policy import OUTPUT_RULES, VISION_RULES, describe_sparsity, make_policy
 from ..prompting import PreparedRequest, prepare_request
 from ..sparsity_options import sparsity_overrides
 from .io import write_json_atomic, write_text_atomic
@@ -161,7 +161,7 @@ class DynamicLlava(lmms):
             configs = [self._generation_config(requests[i].args[1], p.stop) for i, p in zip(batch, prepared)]
             start = time.perf_counter()
             results = generate(self._model, self._tokenizer, [p.input_ids for p in prepared],
-                               [p.pixel_values for p in prepared], configs)
+                               [p.pixel_values for p in prepared], configs, make_policy(self._model))
             self._seconds += time.perf_counter() - start
             for i, result in zip(batch, results):
                 # stripped as in the project's answer files
@@ -186,7 +186,7 @@ class DynamicLlava(lmms):
             with torch.inference_mode():
                 tokens = model.embed([ids for ids, _, _ in items], [pixels for _, pixels, _ in items])
                 cache = model.new_cache(len(items))
-                out = model.step(tokens, cache, all_logits=True)
+                out = model.step(tokens, cache, make_policy(model), all_logits=True)
             self._seconds += time.perf_counter() - start
             per_entry = cache.bytes_per_entry()
             held = cache.lengths()
@@ -303,7 +303,7 @@ class DynamicLlava(lmms):
         if self.efficiency_dir is None:
             return
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
-        summary = {"model": self.pretrained, "sparse_config": self._model.sparse.to_dict(),
+        summary = {"model": self.pretrained, "sparse_config": describe_sparsity(self._model),
                    "conv_template": self.conv_template, "all": overall,
                    "tasks": {task: _totals([r for r in records if r["task"] == task]) for task in tasks}}
         samples = self.efficiency_dir / f"{stamp}_dynamic_llava_efficiency_samples.jsonl"

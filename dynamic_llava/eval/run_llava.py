@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import ask
-from ..cli import run_command
+from ..errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from ..cpu_features import add_dtype_argument
-from ..errors import UserError
+from ..errors import UserError, run_command
 from ..generation import GenerationConfig, GenerationResult, generate
 from ..mm_utils import get_model_name_from_path
+from ..model.policy import make_policy
 from ..prompting import prepare_request
 from ..sparsity_options import sparsity_overrides
 
@@ -167,8 +168,9 @@ def run(args: argparse.Namespace, read_questions: Callable[[argparse.Namespace],
                                         model.config, args.conv_mode) for q in batch]
             config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, stop_strings=[requests[0].stop], seed=args.seed)
+            # a fresh policy per batch: random rules draw from policy_seed for every batch, as one call alone would
             results = generate(model, tokenizer, [r.input_ids for r in requests],
-                               [r.pixel_values for r in requests], config)
+                               [r.pixel_values for r in requests], config, make_policy(model))
             out.write("".join(answer_line(q, r, model_id) for q, r in zip(batch, results)))
             out.flush()
             progress.update(len(batch))
@@ -179,7 +181,6 @@ def main(argv: Sequence[str] | None, prog: str, description: str | None, max_new
          read_questions: Callable[[argparse.Namespace], list[Question]],
          extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
     """A runner entry point: parse LLaVA's flags (plus `extra_arguments`) and run; bad input exits 2."""
-    from ..cli import run_command
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser, max_new_tokens)

@@ -18,8 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .io import read_jsonl, require_keys
 
 

@@ -18,10 +18,9 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..cli import run_command
 from ..conversation import Conversation, get_conv_template, stop_string
 from ..cpu_features import add_dtype_argument
-from ..errors import UserError
+from ..errors import UserError, run_command
 from ..generation import GenerationConfig, GenerationResult, Session, expanded_length, stream_generate
 from ..mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
 from ..prompting import image_query, infer_conv_mode

@@ -27,8 +27,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .protocol import (
     CONTROLLER_HEART_BEAT_EXPIRATION, ErrorCode, ServeError, error_chunk, read_json, split_chunks,
 )

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IM
 from ..generation import GenerationConfig, GenerationResult, expanded_length, stream_generate
 from ..mm_utils import count_image_placeholders, process_images, tokenizer_image_token
 from ..model.llava import DynamicLlavaForCausalLM
-from ..model.policy import DensePolicy, DynamicLlavaPolicy, TokenPolicy
+from ..model.policy import TokenPolicy, make_policy
 from .protocol import ErrorCode, ServeError
 
 logger = logging.getLogger(__name__)
@@ -263,11 +263,7 @@ class Engine:
                     job.ticket.put(finished.pop(i))
 
     def _policy(self, sparsity: Sparsity) -> TokenPolicy:
-        """As `model.default_policy()`, for this request's settings (the model's config is left alone)."""
-        if not sparsity.sparse:
-            return DensePolicy()
-        sparse = self.model.sparse.with_overrides(vision_keep_rate=sparsity.vision_keep_rate)
-        if not (sparse.sparsify_vision or sparse.sparsify_output_text):
-            return DensePolicy()
-        inner = self.model.model
-        return DynamicLlavaPolicy(sparse, inner.image_score_predictor, inner.output_text_score_predictor)
+        """The server's sparsity options (the model's load options) with this request's settings over them."""
+        base = self.model.sparsity_options
+        rate = base.vision_keep_rate if sparsity.vision_keep_rate is None else sparsity.vision_keep_rate
+        return make_policy(self.model, replace(base, sparse=base.sparse and sparsity.sparse, vision_keep_rate=rate))

@@ -28,7 +28,7 @@ from ..errors import require_extra  # before the serve extra's imports: one mess
 require_extra("httpx", run_as_main=__name__ == "__main__")  # gradio: imported when the UI is built
 
 from ..conversation import Conversation, get_conv_template, stop_string
-from ..errors import UserError
+from ..errors import UserError, run_command
 from ..prompting import image_query, infer_conv_mode
 from ..visualize import kept_patches_overlay
 from . import worker_client
@@ -430,8 +430,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..cli import run_command
-
     return run_command(run, build_parser().parse_args(argv))
 
 

@@ -23,9 +23,8 @@ require_extra("httpx", run_as_main=__name__ == "__main__")
 
 import httpx
 
-from ..cli import run_command
 from ..conversation import get_conv_template, stop_string
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .protocol import ErrorCode
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "sample.png"

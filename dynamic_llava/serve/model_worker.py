@@ -25,8 +25,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..cli import run_command
-from ..errors import UserError
+from ..errors import UserError, run_command
+from ..model.policy import describe_sparsity
 from .engine import Engine, Job, Sampling, Sparsity
 from .images import ImageLimits, decode_base64_image
 from .options import add_model_arguments, image_limits, load_engine
@@ -94,7 +94,7 @@ def create_app(engine: Engine, limits: ImageLimits) -> FastAPI:
     @app.api_route("/model_details", methods=["GET", "POST"])
     async def model_details() -> dict[str, Any]:
         return {"model_name": engine.model_name, "context_length": engine.context_length,
-                "sparse_config": engine.model.sparse.to_dict(), "max_batch_size": engine.max_batch_size,
+                "sparse_config": describe_sparsity(engine.model), "max_batch_size": engine.max_batch_size,
                 "max_queue": engine.max_queue, "max_new_tokens_limit": engine.max_new_tokens_limit,
                 "batch_sizes": {str(size): count for size, count in engine.batch_sizes().items()}}
 

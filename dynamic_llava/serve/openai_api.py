@@ -32,9 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from ..cli import run_command
 from ..conversation import get_conv_template, stop_string
-from ..errors import UserError
+from ..errors import UserError, run_command
 from ..mm_utils import count_image_placeholders
 from ..prompting import image_query, infer_conv_mode
 from .engine import Engine, Job, Sampling, Sparsity

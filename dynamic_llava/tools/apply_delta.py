@@ -19,19 +19,17 @@ from pathlib import Path
 
 import torch
 
-from ..cli import run_command
-from ..errors import UserError
-from ..model.convert import (
-    HF,
-    LLAVA,
-    StateDict,
+from ..errors import UserError, run_command
+from ..model.checkpoint_files import (
+    LazyWeights,
     iter_shards,
-    llava_names,
     open_tokenizer,
+    output_dir,
     read_checkpoint_config,
     resolve_local,
+    write_streamed_checkpoint,
 )
-from .streaming import LazyWeights, output_dir, write_streamed_checkpoint
+from ..model.layouts import HF, LLAVA, StateDict, llava_names
 
 # Deltas may add tokens (e.g. <im_start>, <im_end>): these two grow rows beyond the base vocabulary.
 _VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")

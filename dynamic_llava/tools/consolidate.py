@@ -15,19 +15,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..cli import run_command
-from ..errors import UserError
-from ..model.convert import (
-    HF,
-    LLAVA,
-    StateDict,
+from ..errors import UserError, run_command
+from ..model.checkpoint_files import (
     iter_shards,
-    llava_names,
     open_tokenizer,
+    output_dir,
     read_checkpoint_config,
     resolve_local,
+    write_streamed_checkpoint,
 )
-from .streaming import output_dir, write_streamed_checkpoint
+from ..model.layouts import HF, LLAVA, StateDict, llava_names
 
 
 def _llava_shards(src: Path) -> Iterator[StateDict]:

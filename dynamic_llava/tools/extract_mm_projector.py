@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 
-from ..cli import run_command
-from ..errors import UserError
-from ..model.convert import StateDict, resolve_local
-from .streaming import LazyWeights
+from ..errors import UserError, run_command
+from ..model.checkpoint_files import LazyWeights, resolve_local, save_torch_state
+from ..model.layouts import StateDict
 
 PROJECTOR_PREFIX = "model.mm_projector."
 
@@ -35,19 +32,8 @@ def extract_mm_projector(model_path: str | Path, output: str | Path) -> StateDic
     projector = {name: weights.get(name).clone() for name in weights.names() if name.startswith(PROJECTOR_PREFIX)}
     if not projector:
         raise UserError(f"{path} has no {PROJECTOR_PREFIX}* weights (is it a LLaVA-layout checkpoint?)")
-    _save_atomically(projector, out)
+    save_torch_state(projector, out)
     return projector
-
-
-def _save_atomically(state: StateDict, out: Path) -> None:
-    """torch.save to a temp file next to `out`, renamed into place: never a half-written `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(state, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

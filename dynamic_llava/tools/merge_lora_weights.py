@@ -15,10 +15,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli import run_command
-from ..model.convert import read_json, resolve_local
+from ..errors import run_command
+from ..model.checkpoint_files import output_dir, read_json, resolve_local
 from ..model.loading import load_pretrained_model, save_pretrained_llava
-from .streaming import output_dir
 
 
 def merge_lora_weights(model_path: str | Path, model_base: str | Path, save_model_path: str | Path,
