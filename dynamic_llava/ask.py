@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bundled_model_path() -> Path:
     """The demo model shipped in the package (`dynamic-llava demo export` writes it)."""
-    from .demo.export import BUNDLED_MODEL
+    from .constants import BUNDLED_MODEL
 
     if not (BUNDLED_MODEL / "config.json").is_file():
         raise UserError(f"no --model-path given and the bundled demo model is missing ({BUNDLED_MODEL}); "

@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import UserError, run_command
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser that imports its module (`add_arguments(parser)`, `run(args)`) only when chosen.
+
+    So `dynamic-llava ask` loads no benchmark, demo or training code, and the top-level `--help` lists every
+    subcommand from its help string alone.
+    """
+
+    def __init__(self, *args: Any, module: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._module = module  # relative to this package; None: arguments added by build_parser itself
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        if self._module is not None:  # argparse parses a chosen subcommand through this method
+            command = importlib.import_module(self._module, __package__)
+            self._module = None
+            command.add_arguments(self)
+            self.set_defaults(handler=command.run)
+        return super().parse_known_args(args, namespace)
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -41,17 +63,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import ask
-    from .bench import decode, flops, prefill, train_step
-    from .data import synth
-    from .demo import compare, export, train_chain
-
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
 
-    p = commands.add_parser("ask", help="answer a question about image(s), with sparsification stats")
-    ask.add_arguments(p)
-    p.set_defaults(handler=ask.run)
+    # ask, bench, data, demo: the module named by `module` is imported only when its subcommand is chosen
+    commands.add_parser("ask", help="answer a question about image(s), with sparsification stats", module=".ask")
 
     p = commands.add_parser("make-tiny", help="write a small random checkpoint in a real on-disk layout")
     p.add_argument("out")
@@ -75,35 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_train)
 
     bench = commands.add_parser("bench", help="efficiency benchmarks").add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("prefill", help="prefill / decode latency and KV bytes: ours dense, sparse, transformers")
-    prefill.add_arguments(p)
-    p.set_defaults(handler=prefill.run)
-    p = bench.add_parser("flops", help="prefill FLOPs: the paper's formula and an exact count (dense, sparse, FastV)")
-    flops.add_arguments(p)
-    p.set_defaults(handler=flops.run)
-    p = bench.add_parser("decode", help="decoding latency and KV bytes vs output length, with and without cache")
-    decode.add_arguments(p)
-    p.set_defaults(handler=decode.run)
-    p = bench.add_parser("train", help="training-step time and peak memory: dense vs masked-softmax (ours, naive)")
-    train_step.add_arguments(p)
-    p.set_defaults(handler=train_step.run)
+    bench.add_parser("prefill", help="prefill / decode latency and KV bytes: ours dense, sparse, transformers",
+                     module=".bench.prefill")
+    bench.add_parser("flops", help="prefill FLOPs: the paper's formula and an exact count (dense, sparse, FastV)",
+                     module=".bench.flops")
+    bench.add_parser("decode", help="decoding latency and KV bytes vs output length, with and without cache",
+                     module=".bench.decode")
+    bench.add_parser("train", help="training-step time and peak memory: dense vs masked-softmax (ours, naive)",
+                     module=".bench.train_step")
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data", required=True)
-    p = data.add_parser("synth", help="the synthetic shapes benchmark: LLaVA training JSON and evaluation files")
-    synth.add_arguments(p)
-    p.set_defaults(handler=synth.run)
+    data.add_parser("synth", help="the synthetic shapes benchmark: LLaVA training JSON and evaluation files",
+                    module=".data.synth")
 
     demo = commands.add_parser("demo", help="end-to-end demonstrations").add_subparsers(dest="demo", required=True)
-    p = demo.add_parser("train", help="train the whole chain from scratch (data, stages 1-3) and evaluate it")
-    train_chain.add_arguments(p)
-    p.set_defaults(handler=train_chain.run)
-    p = demo.add_parser("export", help="write the bundled demo model and sample images from a chain's stage 3")
-    export.add_arguments(p)
-    p.set_defaults(handler=export.run)
-    p = demo.add_parser("compare", help="dense / Dynamic-LLaVA / FastV / random / H2O on a chain's model: "
-                        "JSON, tables and plots")
-    compare.add_arguments(p)
-    p.set_defaults(handler=compare.run)
+    demo.add_parser("train", help="train the whole chain from scratch (data, stages 1-3) and evaluate it",
+                    module=".demo.train_chain")
+    demo.add_parser("export", help="write the bundled demo model and sample images from a chain's stage 3",
+                    module=".demo.export")
+    demo.add_parser("compare", help="dense / Dynamic-LLaVA / FastV / random / H2O on a chain's model: "
+                    "JSON, tables and plots", module=".demo.compare")
     return parser
 
 

@@ -1,4 +1,6 @@
-"""Token ids and strings shared by prompts, labels and checkpoints (LLaVA conventions)."""
+"""Token ids and strings shared by prompts, labels and checkpoints (LLaVA conventions); the bundled assets."""
+
+from pathlib import Path
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
@@ -7,3 +9,8 @@ DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
 DEFAULT_IM_START_TOKEN = "<im_start>"
 DEFAULT_IM_END_TOKEN = "<im_end>"
 IMAGE_PLACEHOLDER = "<image-placeholder>"
+
+# The bundled demo model and sample images (`dynamic-llava demo export` writes them; `ask` defaults to the model)
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_MODEL = ASSETS / "demo_model"
+BUNDLED_SAMPLES = ASSETS / "samples"

@@ -15,11 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..constants import BUNDLED_MODEL, BUNDLED_SAMPLES
 from ..errors import UserError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUNDLED_MODEL = ASSETS / "demo_model"
-BUNDLED_SAMPLES = ASSETS / "samples"
 SAMPLE_QUESTIONS = "questions.jsonl"
 _TOWER = "vision_tower"
 
