@@ -18,6 +18,7 @@ from .cpu_features import add_dtype_argument
 from .errors import UserError
 from .generation import GenerationConfig, GenerationResult, stream_generate
 from .mm_utils import get_model_name_from_path, load_images
+from .model.policy import DensePolicy, DynamicLlavaPolicy, make_policy
 from .prompting import infer_conv_mode, prepare_request
 from .sparsity_options import add_sparsity_arguments, sparsity_overrides
 from .visualize import kept_patches_overlay
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               stop_strings=[request.stop], use_cache=not args.no_cache, seed=args.seed)
     pixels = [request.pixel_values] if request.pixel_values is not None else [None]
-    stream = stream_generate(model, tokenizer, [request.input_ids], pixels, config)
+    policy = make_policy(model)  # the sparsity flags, as the model was loaded with them
+    stream = stream_generate(model, tokenizer, [request.input_ids], pixels, config, policy)
     while True:
         try:
             delta = next(stream)[0]
@@ -90,17 +92,17 @@ def run(args: argparse.Namespace) -> int:
     if args.save_mask:
         _save_masks(args.save_mask, request.images, result, model.config.image_aspect_ratio, image_processor)
     if args.json:
-        print(json.dumps(_summary(result, model, conv_mode)))
+        print(json.dumps(_summary(result, policy, conv_mode)))
     return 0
 
 
-def _summary(result: GenerationResult, model, conv_mode: str) -> dict:
+def _summary(result: GenerationResult, policy: DensePolicy | DynamicLlavaPolicy, conv_mode: str) -> dict:
     return {
         "answer": result.text.strip(),
         "finish_reason": result.finish_reason,
         "conv_mode": conv_mode,
-        "sparse_layer": model.sparse_layer,
-        "vision_keep_rate": model.sparse.vision_keep_rate if model.sparse.sparsify_vision else 1.0,
+        "sparse_layer": policy.sparse_layer,
+        "vision_keep_rate": policy.vision_keep_rate,
         "prompt_tokens": result.prompt_tokens,
         **result.efficiency_stats(),
         "prefill_seconds": round(result.prefill_seconds, 4),

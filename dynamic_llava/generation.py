@@ -20,7 +20,7 @@ from .errors import UserError
 from .model.batch import IMAGE, OUTPUT, TokenBatch
 from .model.cache import SparseKVCache
 from .model.llava import DynamicLlavaForCausalLM
-from .model.policy import TokenPolicy
+from .model.policy import TokenPolicy, make_policy
 
 
 @dataclass
@@ -239,7 +239,7 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
         if b != 1 or not use_cache:
             raise UserError("a Session continues one conversation: one prompt, decoding with the cache")
         offset = session.next_position
-    policy = policy or model.default_policy()
+    policy = policy or make_policy(model)
     seed = configs[0].seed
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     trackers = [_StopTracker(tokenizer, c.stop_strings,

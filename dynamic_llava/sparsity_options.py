@@ -1,11 +1,12 @@
-"""The sparsification flags every inference command shares (ask, eval runners, generation ability)."""
+"""The command-line flags of `SparsityOptions` (the run-time token policy choices), shared by every inference
+command (ask, eval runners, generation ability, serving)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from .model.config import OUTPUT_RULES, VISION_RULES
+from .model.policy import OUTPUT_RULES, VISION_RULES
 
 
 def keep_rate(text: str) -> float:
@@ -30,12 +31,12 @@ def add_sparsity_arguments(parser: argparse.ArgumentParser, no_sparse_help: str 
     parser.add_argument("--sparse-layer", type=int, default=None, help="first layer on the reduced tokens "
                         "(FastV's K, >= 1 for FastV; 0 drops them before the first layer; default: the checkpoint's, 2)")
     parser.add_argument("--policy-seed", type=int, default=None, help="seed of the random vision / output "
-                        "policies (default: the checkpoint's, 0)")
+                        "policies (default 0)")
     parser.add_argument("--no-sparse", action="store_true", help=no_sparse_help)
 
 
 def sparsity_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for `load_pretrained_model` (`sparse` plus `sparse_config` overrides)."""
+    """Keyword arguments for `load_pretrained_model` (`sparse` plus other `SparsityOptions` fields)."""
     if args.no_sparse:
         return {"sparse": False}
     overrides: dict[str, Any] = {
@@ -43,5 +44,5 @@ def sparsity_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "vision_policy": args.vision_policy, "output_policy": args.output_policy, "sparse_layer": args.sparse_layer,
         "policy_seed": args.policy_seed}
     if args.no_output_sparsity:
-        overrides["use_output_text_predictor"] = False
+        overrides["output_sparsity"] = False
     return {k: v for k, v in overrides.items() if v is not None}

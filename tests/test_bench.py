@@ -56,10 +56,10 @@ def test_exact_flops_match_an_operator_level_count_of_the_real_forward() -> None
     from torch.utils.flop_counter import FlopCounterMode
 
     from dynamic_llava.bench.flops import exact_prefill_flops, schedules
-    from dynamic_llava.bench.prefill import build_model
+    from dynamic_llava.bench.prefill import DENSE, SPARSE, build_model
     from dynamic_llava.bench.shapes import SHAPES
     from dynamic_llava.constants import IMAGE_TOKEN_INDEX
-    from dynamic_llava.model.policy import DensePolicy
+    from dynamic_llava.model.policy import make_policy
 
     shape = SHAPES["tiny"]
     model = build_model(shape, torch.float32)
@@ -67,7 +67,7 @@ def test_exact_flops_match_an_operator_level_count_of_the_real_forward() -> None
     prompt = [1] * 5 + [IMAGE_TOKEN_INDEX] + [7] * (text - 5)
     pixels = torch.randn(1, 3, 336, 336)
     plans = {p.name: p for p in schedules(shape, 576, 0.2, 3, 0.75)}
-    for name, policy in (("dense", DensePolicy()), ("sparse", model.default_policy())):
+    for name, policy in (("dense", make_policy(model, DENSE)), ("sparse", make_policy(model, SPARSE))):
         with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             batch = model.embed([prompt], [pixels])
             model.step(batch, model.new_cache(1), policy)
@@ -114,24 +114,25 @@ def test_total_from_steps_interpolates_between_measured_points() -> None:
 
 
 def test_decoder_fill_matches_real_decoding_entry_counts() -> None:
-    from dynamic_llava.bench.prefill import Decoder, build_model, make_inputs
+    from dynamic_llava.bench.prefill import DENSE, Decoder, build_model, make_inputs
     from dynamic_llava.bench.shapes import SHAPES
-    from dynamic_llava.model.policy import DensePolicy
+    from dynamic_llava.model.policy import make_policy
 
     shape = SHAPES["tiny"]
     model = build_model(shape, torch.float32, 0)
     inputs = make_inputs(1, 8, shape.vision, 0)
-    real, filled = Decoder(model, inputs, DensePolicy()), Decoder(model, inputs, DensePolicy())
+    policy = make_policy(model, DENSE)
+    real, filled = Decoder(model, inputs, policy), Decoder(model, inputs, policy)
     real.replicate(3)
     filled.replicate(3)
     for _ in range(6):
         real.step()
     filled.step()
-    filled.fill(5, 5, model.sparse_layer)
+    filled.fill(5, 5, policy.sparse_layer)
     assert torch.equal(real.cache.lengths(), filled.cache.lengths())
     assert torch.equal(real.positions, filled.positions) and filled.fed == real.fed == 6
     # entries carry the true positions of the tokens they stand for
     for a, b in zip(real.cache.layers, filled.cache.layers):
         n = int(a.lengths[0])
         assert torch.equal(a.positions[:, :n].sort(1).values, b.positions[:, :n].sort(1).values)
-    assert filled.kv_report(model.sparse_layer)["entries_check"]
+    assert filled.kv_report(policy.sparse_layer)["entries_check"]

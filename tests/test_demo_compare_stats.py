@@ -70,7 +70,7 @@ def _batch(n_images: int, n_patches: int) -> TokenBatch:
 def test_centre_prior_keeps_the_central_patches_and_the_text() -> None:
     scores = centre_scores(16)
     assert set(scores.topk(4).indices.tolist()) == {5, 6, 9, 10}  # the 2 x 2 centre of a 4 x 4 grid
-    keep = CentrePrior(0.25).select(torch.zeros(2, 18, 4), _batch(2, 16))
+    keep = CentrePrior(0.25, sparse_layer=2).select(torch.zeros(2, 18, 4), _batch(2, 16))
     assert keep[:, :2].all() and keep[:, 2:].sum(1).tolist() == [4, 4]
     assert keep[0, 2 + 5] and not keep[0, 2]
     with pytest.raises(ValueError):
@@ -79,7 +79,7 @@ def test_centre_prior_keeps_the_central_patches_and_the_text() -> None:
 
 def test_given_patches_keeps_exactly_them_per_image() -> None:
     masks = [torch.tensor([True, False, False, True]), torch.tensor([False, False, True, False])]
-    keep = GivenPatches(masks).select(torch.zeros(2, 6, 4), _batch(2, 4))
+    keep = GivenPatches(masks, sparse_layer=2).select(torch.zeros(2, 6, 4), _batch(2, 4))
     assert keep[:, 2:].tolist() == [m.tolist() for m in masks] and keep[:, :2].all()
 
 

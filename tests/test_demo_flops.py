@@ -17,7 +17,7 @@ def test_exact_flops_of_a_checkpoint_shape_match_the_real_forward(tmp_path: Path
     from dynamic_llava.bench.flops import Schedule, exact_prefill_flops, shape_from_configs
     from dynamic_llava.constants import IMAGE_TOKEN_INDEX
     from dynamic_llava.model.loading import load_pretrained_model
-    from dynamic_llava.model.policy import DensePolicy
+    from dynamic_llava.model.policy import SparsityOptions, make_policy
     from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
 
     make_tiny_checkpoint(tmp_path / "m", hidden_size=48, intermediate_size=96, num_key_value_heads=2, d_model=32,
@@ -28,11 +28,11 @@ def test_exact_flops_of_a_checkpoint_shape_match_the_real_forward(tmp_path: Path
     shape = shape_from_configs(model.config, tower)
     assert shape.llm["num_key_value_heads"] == 2 and shape.sparse["d_model"] == 32
     n_image = (tower.image_size // tower.patch_size) ** 2
+    policy = make_policy(model, SparsityOptions(sparse=False)) if vision_rule == "dense" else make_policy(model)
     schedule = (Schedule("dense", 0, n_image) if vision_rule == "dense" else
-                Schedule(vision_rule, model.sparse_layer, n_image // 4, vision_rule == "predictor"))
+                Schedule(vision_rule, policy.sparse_layer, n_image // 4, vision_rule == "predictor"))
     text = 17
     prompt = [1] * 4 + [IMAGE_TOKEN_INDEX] + [9] * (text - 4)
-    policy = DensePolicy() if vision_rule == "dense" else model.default_policy()
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         batch = model.embed([prompt], [torch.randn(1, 3, tower.image_size, tower.image_size)])
         model.step(batch, model.new_cache(1), policy)

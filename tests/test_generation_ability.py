@@ -12,6 +12,7 @@ from PIL import Image
 
 from dynamic_llava.eval.generation_ability import main, teacher_forced_nll
 from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.model.policy import SparsityOptions, make_policy
 from dynamic_llava.prompting import prepare_request
 
 ANSWER_IDS = [5, 17, 9, 23, 11, 30]
@@ -43,7 +44,7 @@ def _request(loaded, data: Path):
 
 def test_cache_path_equals_recomputing_without_cache_in_sparse_mode(loaded, data: Path) -> None:
     _, model, _, _ = loaded
-    assert model.sparse.sparsify_output_text
+    assert make_policy(model).output_rule == "predictor"
     request = _request(loaded, data)
     nlls, keeps, held = teacher_forced_nll(model, request.input_ids, request.pixel_values, ANSWER_IDS)
     assert len(nlls) == 6 and len(keeps) == 5
@@ -52,26 +53,23 @@ def test_cache_path_equals_recomputing_without_cache_in_sparse_mode(loaded, data
         for n, target in enumerate(ANSWER_IDS):
             ids = torch.cat([request.input_ids, torch.tensor(ANSWER_IDS[:n], dtype=torch.long)])
             batch = model.embed([ids], [request.pixel_values], generated_counts=[n])
-            out = model.step(batch, model.new_cache(1))
+            out = model.step(batch, model.new_cache(1), make_policy(model))
             expected = -float(torch.log_softmax(out.logits[0].float(), -1)[target])
             assert nlls[n] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 def test_dense_ppl_equals_full_forward_cross_entropy(loaded, data: Path) -> None:
     _, model, _, _ = loaded
-    saved = dict(model.config.sparse_config)
-    model.set_sparse(sparse=False)
-    try:
-        request = _request(loaded, data)
-        nlls, _, _ = teacher_forced_nll(model, request.input_ids, request.pixel_values, ANSWER_IDS)
-        ids = torch.cat([request.input_ids, torch.tensor(ANSWER_IDS, dtype=torch.long)])
-        with torch.inference_mode():
-            logits = model.forward_full([ids], [request.pixel_values]).logits[0].float()
-        n_prompt = logits.shape[0] - len(ANSWER_IDS)
-        ce = torch.nn.functional.cross_entropy(logits[n_prompt - 1:-1], torch.tensor(ANSWER_IDS))
-        assert math.exp(sum(nlls) / len(nlls)) == pytest.approx(math.exp(float(ce)), rel=1e-5)
-    finally:
-        model.config.sparse_config = saved
+    dense = SparsityOptions(sparse=False)
+    request = _request(loaded, data)
+    nlls, _, _ = teacher_forced_nll(model, request.input_ids, request.pixel_values, ANSWER_IDS,
+                                    make_policy(model, dense))
+    ids = torch.cat([request.input_ids, torch.tensor(ANSWER_IDS, dtype=torch.long)])
+    with torch.inference_mode():
+        logits = model.forward_full([ids], [request.pixel_values], make_policy(model, dense)).logits[0].float()
+    n_prompt = logits.shape[0] - len(ANSWER_IDS)
+    ce = torch.nn.functional.cross_entropy(logits[n_prompt - 1:-1], torch.tensor(ANSWER_IDS))
+    assert math.exp(sum(nlls) / len(nlls)) == pytest.approx(math.exp(float(ce)), rel=1e-5)
 
 
 def test_cli_writes_sparse_and_dense_results(tiny_llava_dir: Path, data: Path, tmp_path: Path) -> None:

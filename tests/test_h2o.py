@@ -17,6 +17,7 @@ from dynamic_llava.model import decoder
 from dynamic_llava.model.cache import LayerKVCache, SparseKVCache
 from dynamic_llava.model.llava import DynamicLlavaForCausalLM
 from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.model.policy import make_policy
 from dynamic_llava.sparsity_options import add_sparsity_arguments, sparsity_overrides
 from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
 
@@ -61,7 +62,7 @@ def _budget(n: int) -> int:
 def _decode(model: DynamicLlavaForCausalLM, prompts: list[list[int]], images: list[torch.Tensor | None] | None,
             steps: int, after_step: Callable[[int, SparseKVCache], None] | None = None) -> SparseKVCache:
     """Greedy decoding with the cache via `model.step`; after_step(n fed tokens, cache) after each step."""
-    policy = model.default_policy()
+    policy = make_policy(model)
     with torch.inference_mode():
         batch = model.embed(prompts, images)
         cache = model.new_cache(len(prompts))
@@ -87,7 +88,7 @@ def test_cache_never_holds_more_generated_entries_than_the_budget(checkpoint: Pa
     prompts, images = mixed_batch
     if batch == "one":
         prompts, images = prompts[:1], images[:1]
-    k, n_layers = model.sparse_layer, model.config.num_hidden_layers
+    k, n_layers = make_policy(model).sparse_layer, model.config.num_hidden_layers
     images_per_prompt = [p.count(IMAGE_TOKEN_INDEX) for p in prompts]
     # prompt text, and the image tokens the vision rule kept (115 of 576): never evicted
     sparse_prompt = [len(p) - n + 115 * n for p, n in zip(prompts, images_per_prompt)]
@@ -117,7 +118,7 @@ def test_evicts_the_lowest_accumulated_attention_outside_the_recent_window(check
     _, model, _, _ = _load(checkpoint)
     cfg = model.config
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    sparse_layers = range(model.sparse_layer, cfg.num_hidden_layers)
+    sparse_layers = range(make_policy(model).sparse_layer, cfg.num_hidden_layers)
     keys: dict[int, dict[int, torch.Tensor]] = {i: {} for i in sparse_layers}  # layer -> position -> [Hkv, D]
     mass: dict[int, dict[int, float]] = {i: {} for i in sparse_layers}  # accumulated, held generated tokens
     history: list[tuple[int, set[int], int]] = []  # (layer, held generated positions, n fed)
@@ -187,7 +188,7 @@ def test_batched_equals_one_by_one_with_finished_samples_leaving(checkpoint: Pat
     assert len({r.output_tokens for r in batched}) > 1
     cfg = model.config
     per_entry = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
-    k, n_layers = model.sparse_layer, cfg.num_hidden_layers
+    k, n_layers = make_policy(model).sparse_layer, cfg.num_hidden_layers
     for prompt, image, together in zip(prompts, images, batched):
         alone = generate(model, tokenizer, [prompt], [image], config)[0]
         assert together.token_ids == alone.token_ids
@@ -204,7 +205,7 @@ def test_budget_ratio_one_equals_no_output_sparsification(checkpoint: Path, toke
     prompts, images = text_batch
     config = GenerationConfig(max_new_tokens=12, eos_token_id=-1)
     _, h2o, _, _ = _load(checkpoint, output_text_keep_rate=1.0)
-    _, off, _, _ = _load(checkpoint, use_output_text_predictor=False)
+    _, off, _, _ = _load(checkpoint, output_sparsity=False)
     with_h2o = generate(h2o, tokenizer, prompts, images, config)
     without = generate(off, tokenizer, prompts, images, config)
     assert [r.token_ids for r in with_h2o] == [r.token_ids for r in without]
@@ -229,7 +230,7 @@ def test_only_h2o_leaves_the_fused_attention(checkpoint: Path, tokenizer, monkey
 
     monkeypatch.setattr(decoder, "_sdpa", counting("sdpa", decoder._sdpa))
     monkeypatch.setattr(decoder, "_explicit_attention", counting("explicit", decoder._explicit_attention))
-    steps, n_layers, k = 5, model.config.num_hidden_layers, model.sparse_layer
+    steps, n_layers, k = 5, model.config.num_hidden_layers, make_policy(model).sparse_layer
     cache = _decode(model, [tokenizer("describe the scene").input_ids], None, steps)
     if overrides:
         assert all(layer.scores is None and layer.generated is None for layer in cache.layers)
@@ -242,11 +243,11 @@ def test_only_h2o_leaves_the_fused_attention(checkpoint: Path, tokenizer, monkey
 def test_prefill_does_nothing_and_decoding_without_cache_is_refused(checkpoint: Path, tokenizer, mixed_batch) -> None:
     prompts, images = mixed_batch
     _, model, _, _ = _load(checkpoint)
-    _, off, _, _ = _load(checkpoint, use_output_text_predictor=False)
+    _, off, _, _ = _load(checkpoint, output_sparsity=False)
     with torch.inference_mode():
         cache = model.new_cache(len(prompts))
-        ours = model.step(model.embed(prompts, images), cache, model.default_policy())
-        reference = off.step(off.embed(prompts, images), off.new_cache(len(prompts)))
+        ours = model.step(model.embed(prompts, images), cache, make_policy(model))
+        reference = off.step(off.embed(prompts, images), off.new_cache(len(prompts)), make_policy(off))
     assert torch.equal(ours.logits, reference.logits) and torch.equal(ours.keep, reference.keep)
     assert all(layer.scores is None for layer in cache.layers)
     with pytest.raises(UserError, match="h2o.*use_cache=True"):
@@ -258,4 +259,4 @@ def test_output_policy_flag_accepts_h2o(checkpoint: Path) -> None:
     add_sparsity_arguments(parser)
     overrides = sparsity_overrides(parser.parse_args(["--output-policy", "h2o", "--output-keep-rate", "0.5"]))
     _, model, _, _ = load_pretrained_model(checkpoint, **overrides)
-    assert model.default_policy().eviction is not None
+    assert make_policy(model).eviction is not None

@@ -22,6 +22,7 @@ from dynamic_llava.errors import UserError
 from dynamic_llava.model.convert import convert_checkpoint
 from dynamic_llava.model.llava import DynamicLlavaForCausalLM
 from dynamic_llava.model.loading import load_pretrained_model, save_pretrained_llava
+from dynamic_llava.model.policy import DensePolicy, make_policy
 from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
 from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
 
@@ -131,7 +132,7 @@ def test_dense_load_of_a_checkpoint_without_predictors_does_not_warn(tiny_llava_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, model, _, _ = load_pretrained_model(tiny_llava_nopred_dir, sparse=False)
-    assert not model.sparse.use_vision_predictor
+    assert isinstance(make_policy(model), DensePolicy)
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -279,9 +280,10 @@ def test_text_only_parity_with_transformers_llama(tiny_llava_dir: Path) -> None:
 # ----------------------------------------------------------------------------- options
 def test_sparse_overrides_and_dtype(tiny_llava_dir: Path) -> None:
     _, model, _, _ = _load(tiny_llava_dir, vision_keep_rate=0.3)
-    assert model.sparse.vision_keep_rate == 0.3 and model.sparse.use_vision_predictor
+    policy = make_policy(model)
+    assert policy.vision_keep_rate == 0.3 and policy.vision_rule == "predictor"
     _, model, _, _ = _load(tiny_llava_dir, sparse=False)
-    assert not model.sparse.sparsify_vision and not model.sparse.sparsify_output_text
+    assert isinstance(make_policy(model), DensePolicy)
     _, model, _, _ = _load(tiny_llava_dir, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(UserError, match="dtype"):

@@ -39,7 +39,7 @@ from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.model.batch import TokenBatch
 from dynamic_llava.model.config import DynamicLlavaConfig
 from dynamic_llava.model.llava import DynamicLlavaForCausalLM
-from dynamic_llava.model.policy import AttentionProbe, DensePolicy, TokenPolicy
+from dynamic_llava.model.policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
 from dynamic_llava.model.sparsity_training import SparsityTraining, TrainingDecisions, gumbel_tau
 
 N_TOKENS = 16  # image tokens per sample: a 4 x 4 grid of patches
@@ -165,7 +165,10 @@ def _train_predictor(model: DynamicLlavaForCausalLM, steps: int = 600, batch: in
 
 
 class HideTokens:
-    """Keeps every token except one slot per sample (a TokenPolicy)."""
+    """Keeps every token except one slot per sample (a TokenPolicy), from the trained sparse_layer on."""
+
+    sparse_layer = SPARSE_LAYER
+    eviction = None
 
     def __init__(self, slots: torch.Tensor) -> None:
         self.slots = slots
@@ -220,7 +223,7 @@ def _frozen_llm(state: dict[str, torch.Tensor]) -> DynamicLlavaForCausalLM:
 
 def test_the_answer_needs_the_marked_token(dense_state: dict[str, torch.Tensor]) -> None:
     model = _frozen_llm(dense_state)
-    dense_accuracy, _ = _evaluate(model, lambda s: DensePolicy())
+    dense_accuracy, _ = _evaluate(model, lambda s: make_policy(model, SparsityOptions(sparse=False)))
     hidden_accuracy, kept = _evaluate(model, lambda s: HideTokens(IMAGE_START + s.marked))
     assert kept == 0.0
     assert dense_accuracy >= 0.95
@@ -229,7 +232,7 @@ def test_the_answer_needs_the_marked_token(dense_state: dict[str, torch.Tensor])
 
 def test_the_image_predictor_learns_to_keep_the_token_the_answer_needs(dense_state: dict[str, torch.Tensor]) -> None:
     model = _frozen_llm(dense_state)
-    learned = lambda s: model.default_policy()  # noqa: E731  the predictor's top-k, k = 2 of 16
+    learned = lambda s: make_policy(model)  # noqa: E731  the predictor's top-k, k = 2 of 16
     _, untrained_kept = _evaluate(model, learned)
     training_kept = _train_predictor(model)
     accuracy, kept = _evaluate(model, learned)
@@ -251,7 +254,7 @@ def test_without_the_attention_gradient_the_predictor_does_not_find_it(
     monkeypatch.setattr(llava_module, "decide", detached_decide)
     model = _frozen_llm(dense_state)
     training_kept = _train_predictor(model)
-    accuracy, kept = _evaluate(model, lambda s: model.default_policy())
+    accuracy, kept = _evaluate(model, lambda s: make_policy(model))
     _assert_meets_the_budget(training_kept)
     assert kept < 0.5, f"marked token kept in {kept:.1%} of samples (budget {KEEP_RATE:.1%})"
     assert accuracy < 0.5

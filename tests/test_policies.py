@@ -31,7 +31,7 @@ def _pixels(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_every_vision_rule_keeps_exactly_the_budget(tiny_llava_dir: Path, rule: str, rate: float) -> None:
     tokenizer, model, _, _ = load_pretrained_model(tiny_llava_dir, vision_policy=rule, vision_keep_rate=rate,
-                                                   use_output_text_predictor=False)
+                                                   output_sparsity=False)
     prompts = [_prompt(tokenizer, 1), _prompt(tokenizer, 2)]
     results = generate(model, tokenizer, prompts, [_pixels(1, 0), _pixels(2, 1)],
                        GenerationConfig(max_new_tokens=1, eos_token_id=-1))
@@ -55,7 +55,7 @@ def test_fastv_ranking_matches_transformers_attention_weights(tiny_llava_dir: Pa
     """FastV keeps the image tokens that layer K-1's last-token attention (mean over heads) ranks highest;
     the attention weights come from transformers' own LLaVA (eager attention) on the same weights."""
     tokenizer, model, _, _ = load_pretrained_model(tiny_llava_dir, vision_policy="fastv", vision_keep_rate=0.25,
-                                                   sparse_layer=3, use_output_text_predictor=False)
+                                                   sparse_layer=3, output_sparsity=False)
     ids, pixels = _prompt(tokenizer, 1), _pixels(1, 3)
     with torch.no_grad():
         ours = model.forward_full([ids], [pixels]).keep[0]

@@ -10,7 +10,7 @@ from PIL import Image
 from dynamic_llava.conversation import get_conv_template
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.serve import engine as engine_module
-from dynamic_llava.serve.engine import Engine, Sampling, Sparsity
+from dynamic_llava.serve.engine import Engine, RequestSparsity, Sampling
 from dynamic_llava.serve.protocol import ErrorCode, ServeError
 
 IMAGE = Image.new("RGB", (40, 40), (10, 200, 10))
@@ -31,7 +31,7 @@ def _prompt() -> str:
 
 def _job(engine: Engine, max_new_tokens: int = 4, **sparsity):
     return engine.prepare(_prompt(), [IMAGE], Sampling(temperature=0, max_new_tokens=max_new_tokens),
-                          Sparsity(**sparsity))
+                          RequestSparsity(**sparsity))
 
 
 async def _running(engine: Engine, job) -> None:
@@ -126,13 +126,13 @@ def test_prepare_checks_and_clamps(loaded) -> None:
     try:
         assert _job(engine, max_new_tokens=10 ** 9).config.max_new_tokens == 20
         with pytest.raises(ServeError, match="1 <image> placeholder"):
-            engine.prepare(_prompt(), [IMAGE, IMAGE], Sampling(), Sparsity())
+            engine.prepare(_prompt(), [IMAGE, IMAGE], Sampling(), RequestSparsity())
         with pytest.raises(ServeError, match="context length"):
-            engine.prepare(_prompt() * 8, [IMAGE] * 8, Sampling(), Sparsity())
+            engine.prepare(_prompt() * 8, [IMAGE] * 8, Sampling(), RequestSparsity())
         for bad in (dict(temperature="hot"), dict(top_p=0), dict(max_new_tokens=1.5), dict(stop=["a"] * 17)):
             with pytest.raises(ServeError):
                 Sampling.parse(**bad)
         with pytest.raises(ServeError, match="vision_keep_rate"):
-            Sparsity.parse(vision_keep_rate=float("nan"))
+            RequestSparsity.parse(vision_keep_rate=float("nan"))
     finally:
         engine.close()

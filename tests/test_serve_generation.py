@@ -13,7 +13,7 @@ from dynamic_llava.errors import UserError
 from dynamic_llava.generation import GenerationConfig, Session, expanded_length, generate, stream_generate
 from dynamic_llava.model.batch import OUTPUT
 from dynamic_llava.model.loading import load_pretrained_model
-from dynamic_llava.model.policy import DensePolicy, DynamicLlavaPolicy
+from dynamic_llava.model.policy import SparsityOptions, make_policy
 from dynamic_llava.prompting import prepare_request
 from dynamic_llava.serve.cli import Chat
 
@@ -34,9 +34,8 @@ def request_batch(loaded):
     return [r.input_ids for r in reqs], [r.pixel_values for r in reqs]
 
 
-def _policy(model, **overrides):
-    sparse = model.sparse.with_overrides(**overrides)
-    return DynamicLlavaPolicy(sparse, model.model.image_score_predictor, model.model.output_text_score_predictor)
+def _policy(model, **options):
+    return make_policy(model, SparsityOptions(**options))
 
 
 def test_per_sample_configs_equal_each_sample_alone(loaded, request_batch) -> None:
@@ -128,7 +127,7 @@ def test_session_turn2_equals_reencoding_the_conversation(loaded, request_batch,
     re-encoding as prompt text (which keeps them all)."""
     tokenizer, model, _ = loaded
     prompts, images = request_batch
-    policy = {"dense": DensePolicy(), "vision_only": _policy(model, use_output_text_predictor=False),
+    policy = {"dense": _policy(model, sparse=False), "vision_only": _policy(model, output_sparsity=False),
               "full": _policy(model), "structure": _policy(model, output_policy="structure")}[mode]
     config = GenerationConfig(max_new_tokens=8, eos_token_id=-1)
     session = Session()
@@ -175,27 +174,24 @@ def test_session_errors(loaded, request_batch) -> None:
         generate(model, tokenizer, [[5, 6]], [None], GenerationConfig(max_new_tokens=4090), session=session)
 
 
-def test_chat_reuses_the_cache_and_matches_reencoding(loaded) -> None:
+def test_chat_reuses_the_cache_and_matches_reencoding(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI's Chat: turn 2 prefills only the new tokens, and (dense) answers as re-encoding the cached
     token ids would; its turn-2 text is the template continuation."""
     tokenizer, model, processor = loaded
-    model.set_sparse(sparse=False)
-    try:
-        chat = Chat(model, tokenizer, processor, "llava_v1", SAMPLE, GenerationConfig(max_new_tokens=6, temperature=0))
-        _, ids1, pixels = chat.next_input("What is it?")
-        turn1 = chat.reply("What is it?")
-        _, ids2, none = chat.next_input("Why?")
-        assert none is None
-        turn2 = chat.reply("Why?")
-    finally:
-        model.set_sparse(use_vision_predictor=True, use_text_predictor=True, use_output_text_predictor=True)
+    monkeypatch.setattr(model, "sparsity_options", SparsityOptions(sparse=False))  # as loaded with --no-sparse
+    chat = Chat(model, tokenizer, processor, "llava_v1", SAMPLE, GenerationConfig(max_new_tokens=6, temperature=0))
+    _, ids1, pixels = chat.next_input("What is it?")
+    turn1 = chat.reply("What is it?")
+    _, ids2, none = chat.next_input("Why?")
+    assert none is None
+    turn2 = chat.reply("Why?")
     assert turn2.context_tokens == expanded_length(model, ids1) + turn1.output_tokens - 1
     assert turn2.prompt_tokens == len(ids2) < expanded_length(model, ids1)
     assert tokenizer.decode(ids2, skip_special_tokens=True).strip().endswith("USER: Why? ASSISTANT:")
     fed = turn1.token_ids[:turn1.output_tokens - 1]  # every sampled token but the last entered the cache
     whole = torch.cat([ids1, torch.tensor(fed, dtype=torch.long), ids2])
     reference = generate(model, tokenizer, [whole], [pixels], GenerationConfig(max_new_tokens=6, eos_token_id=-1),
-                         policy=DensePolicy())[0]
+                         policy=_policy(model, sparse=False))[0]
     n = len(turn2.token_ids)
     assert turn2.token_ids == reference.token_ids[:n]
     assert "What is it? ASSISTANT: " in chat.conv.get_prompt() and chat.conv.messages[-1][1] == turn2.text.strip()

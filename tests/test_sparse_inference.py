@@ -13,6 +13,7 @@ from dynamic_llava.errors import UserError
 from dynamic_llava.generation import GenerationConfig, generate, stream_generate
 from dynamic_llava.model.config import DynamicLlavaConfig
 from dynamic_llava.model.llava import DynamicLlavaForCausalLM
+from dynamic_llava.model.policy import SparsityOptions, make_policy
 from dynamic_llava.model.vision import CLIPVisionTower
 from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
 from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower
@@ -76,13 +77,8 @@ def test_dropping_tokens_equals_masking_them(model, mixed_batch) -> None:
     a, b = dropped.logits[processed], masked.logits[processed]
     assert (a - b).abs().max() / b.abs().max() < 1e-5
     # and dropping does change the logits (the test could fail)
-    dense = model.forward_masked(prompts, images, policy=_dense())
+    dense = model.forward_masked(prompts, images, policy=make_policy(model, SparsityOptions(sparse=False)))
     assert (dense.logits[processed] - b).abs().max() > 1e-3
-
-
-def _dense():
-    from dynamic_llava.model.policy import DensePolicy
-    return DensePolicy()
 
 
 def test_image_budget_is_top_k_per_image(model, tokenizer, mixed_batch) -> None:
@@ -100,19 +96,15 @@ def test_image_budget_is_top_k_per_image(model, tokenizer, mixed_batch) -> None:
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_batched_equals_one_by_one(model, tokenizer, mixed_batch, sparse: bool, use_cache: bool) -> None:
     prompts, images = mixed_batch
-    model.set_sparse(sparse=None if sparse else False)
-    try:
-        config = GenerationConfig(max_new_tokens=12, use_cache=use_cache, eos_token_id=-1)
-        batched = generate(model, tokenizer, prompts, images, config)
-        for prompt, image, together in zip(prompts, images, batched):
-            alone = generate(model, tokenizer, [prompt], [image], config)[0]
-            assert together.token_ids == alone.token_ids
-            assert together.output_keep == alone.output_keep
-            assert together.image_keep == alone.image_keep
-            assert together.kv_cache_bytes == alone.kv_cache_bytes
-    finally:
-        model.set_sparse(sparse=None, use_vision_predictor=True, use_text_predictor=True,
-                         use_output_text_predictor=True)
+    options = SparsityOptions(sparse=sparse)
+    config = GenerationConfig(max_new_tokens=12, use_cache=use_cache, eos_token_id=-1)
+    batched = generate(model, tokenizer, prompts, images, config, make_policy(model, options))
+    for prompt, image, together in zip(prompts, images, batched):
+        alone = generate(model, tokenizer, [prompt], [image], config, make_policy(model, options))[0]
+        assert together.token_ids == alone.token_ids
+        assert together.output_keep == alone.output_keep
+        assert together.image_keep == alone.image_keep
+        assert together.kv_cache_bytes == alone.kv_cache_bytes
     if sparse:
         decisions = [d for r in batched for d in r.output_keep]
         assert 0 < sum(decisions) < len(decisions), "the output predictor should both keep and drop"
@@ -135,7 +127,7 @@ def test_kv_bytes_proportional_to_kept_tokens(model, tokenizer, mixed_batch) -> 
     results = generate(model, tokenizer, prompts, images, GenerationConfig(max_new_tokens=10, eos_token_id=-1))
     cfg = model.config
     per_entry = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # fp32 K and V
-    k, n_layers = model.sparse_layer, cfg.num_hidden_layers
+    k, n_layers = make_policy(model).sparse_layer, cfg.num_hidden_layers
     for r in results:
         fed = r.output_tokens - 1
         text = r.prompt_tokens - r.image_tokens
@@ -148,11 +140,8 @@ def test_kv_bytes_proportional_to_kept_tokens(model, tokenizer, mixed_batch) -> 
 
 def test_dense_mode_keeps_everything(model, tokenizer, mixed_batch) -> None:
     prompts, images = mixed_batch
-    model.set_sparse(sparse=False)
-    try:
-        results = generate(model, tokenizer, prompts, images, GenerationConfig(max_new_tokens=6, eos_token_id=-1))
-    finally:
-        model.set_sparse(use_vision_predictor=True, use_text_predictor=True, use_output_text_predictor=True)
+    results = generate(model, tokenizer, prompts, images, GenerationConfig(max_new_tokens=6, eos_token_id=-1),
+                       make_policy(model, SparsityOptions(sparse=False)))
     for r in results:
         assert r.image_tokens_kept == r.image_tokens
         assert all(r.output_keep)
@@ -217,9 +206,9 @@ def test_bad_inputs(model, tokenizer, mixed_batch) -> None:
     with pytest.raises(UserError, match="placeholder"):
         generate(model, tokenizer, prompts[1:2], [_images(1, 0)])
     with pytest.raises(UserError, match="vision_keep_rate"):
-        model.set_sparse(vision_keep_rate=1.5)
+        SparsityOptions(vision_keep_rate=1.5)
     with pytest.raises(UserError, match="vision_keep_rate"):
-        model.set_sparse(vision_keep_rate=0.0)
+        SparsityOptions(vision_keep_rate=0.0)
     with pytest.raises(UserError, match="context length"):
         generate(model, tokenizer, prompts[:1], images[:1], GenerationConfig(max_new_tokens=5000))
     with pytest.raises(UserError, match="max_new_tokens"):
@@ -252,7 +241,6 @@ def test_tokens_dropped_before_the_first_layer_leave_no_trace(model, mixed_batch
     prompts, images = mixed_batch
     kept = torch.zeros(N_PATCHES, dtype=torch.bool)
     kept[::50] = True
-    policy = GivenPatches([kept])
     encode = model.encode_images
 
     def noisy_dropped_tokens(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -260,24 +248,20 @@ def test_tokens_dropped_before_the_first_layer_leave_no_trace(model, mixed_batch
         noise = torch.randn(features.shape, generator=torch.Generator().manual_seed(1)) * 10
         return torch.where(kept[None, :, None], features, features + noise)
 
-    base = dict(model.config.sparse_config)
-    try:
-        for layer, unchanged in ((0, True), (1, False)):
-            model.set_sparse(sparse_layer=layer)
-            with torch.inference_mode():
-                clean = model.forward_full(prompts[:1], images[:1], policy).logits
-                monkeypatch.setattr(model, "encode_images", noisy_dropped_tokens)
-                noisy = model.forward_full(prompts[:1], images[:1], policy).logits
-                masked = model.forward_masked(prompts[:1], images[:1], policy).logits
-                monkeypatch.setattr(model, "encode_images", encode)
-            processed = ~torch.isnan(clean[..., 0])
-            assert torch.allclose(noisy[processed], masked[processed], atol=1e-4)  # dropping == masking
-            assert torch.allclose(clean[processed], noisy[processed], atol=1e-5) == unchanged, layer
-    finally:
-        model.config.sparse_config = base
+    for layer, unchanged in ((0, True), (1, False)):
+        policy = GivenPatches([kept], sparse_layer=layer)
+        with torch.inference_mode():
+            clean = model.forward_full(prompts[:1], images[:1], policy).logits
+            monkeypatch.setattr(model, "encode_images", noisy_dropped_tokens)
+            noisy = model.forward_full(prompts[:1], images[:1], policy).logits
+            masked = model.forward_masked(prompts[:1], images[:1], policy).logits
+            monkeypatch.setattr(model, "encode_images", encode)
+        processed = ~torch.isnan(clean[..., 0])
+        assert torch.allclose(noisy[processed], masked[processed], atol=1e-4)  # dropping == masking
+        assert torch.allclose(clean[processed], noisy[processed], atol=1e-5) == unchanged, layer
 
 
 def test_fastv_needs_a_layer_before_the_drop(model) -> None:
     with pytest.raises(UserError, match="sparse_layer >= 1"):
-        model.config.sparse.with_overrides(vision_policy="fastv", sparse_layer=0)
-    assert model.config.sparse.with_overrides(vision_policy="random", sparse_layer=0).sparse_layer == 0
+        make_policy(model, SparsityOptions(vision_policy="fastv", sparse_layer=0))
+    assert make_policy(model, SparsityOptions(vision_policy="random", sparse_layer=0)).sparse_layer == 0

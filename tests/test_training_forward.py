@@ -8,14 +8,20 @@ import torch.nn.functional as F
 
 from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.model.policy import SparsityOptions, make_policy
 from dynamic_llava.model.sparsity_training import SparsityTraining, decide, gumbel_keep, gumbel_tau, last_answer_mask
 
 
 @pytest.fixture()
 def model(tiny_llava_dir):
     _, model, _, _ = load_pretrained_model(tiny_llava_dir)
-    model.set_sparse(output_text_len_for_training=4)
+    _train_with(model, output_text_len_for_training=4)
     return model.train()
+
+
+def _train_with(model, **fields) -> None:
+    """Sparsification training's settings, written into the checkpoint's sparse_config as build_model does."""
+    model.config.sparse_config = model.sparse.replace(**fields).to_dict()
 
 
 def _batch():
@@ -35,7 +41,8 @@ def test_dense_loss_is_the_shifted_cross_entropy_of_forward_full(model) -> None:
     out = model(ids, labels, mask, images)
     model.eval()
     with torch.no_grad():
-        full = model.forward_full([ids[0], ids[1][mask[1]]], images, policy=_dense()).logits
+        full = model.forward_full([ids[0], ids[1][mask[1]]], images,
+                                  policy=make_policy(model, SparsityOptions(sparse=False))).logits
     # sample 0 expands to 10 text + 576 image tokens; its labels sit on the text tokens after the image
     n_img = 576
     logits0 = full[0, : 10 + n_img]
@@ -46,11 +53,6 @@ def test_dense_loss_is_the_shifted_cross_entropy_of_forward_full(model) -> None:
                          ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, ce, rtol=1e-4, atol=1e-4)
     assert out.vision_keep is None  # dense: nothing decided
-
-
-def _dense():
-    from dynamic_llava.model.policy import DensePolicy
-    return DensePolicy()
 
 
 def test_sparse_forward_trains_predictors_not_the_tower(model) -> None:
@@ -72,7 +74,7 @@ def test_sparse_forward_trains_predictors_not_the_tower(model) -> None:
 
 def test_short_answers_get_no_output_decisions(model) -> None:
     ids, labels, mask, images = _batch()
-    model.set_sparse(output_text_len_for_training=50)
+    _train_with(model, output_text_len_for_training=50)
     model.sparsity_training = SparsityTraining(tau=1.0)
     out = model(ids, labels, mask, images)
     assert out.output_mask_loss is None and out.vision_mask_loss is not None
@@ -161,7 +163,7 @@ def test_keep_rate_regulariser_is_the_reference_formula(model, monkeypatch) -> N
 
 def test_sparse_forward_before_the_first_layer_trains_the_predictor(model) -> None:
     """sparse_layer 0: the image predictor scores the projected image features themselves."""
-    model.set_sparse(sparse_layer=0)
+    _train_with(model, sparse_layer=0)
     model.sparsity_training = SparsityTraining(tau=1.0)
     ids, labels, mask, images = _batch()
     torch.manual_seed(0)

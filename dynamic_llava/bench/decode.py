@@ -34,9 +34,9 @@ from ..errors import MissingExtra, UserError
 from ..generation import append_token
 from ..model.batch import OUTPUT, TokenBatch
 from ..model.llava import DynamicLlavaForCausalLM
-from ..model.policy import DensePolicy, TokenPolicy
+from ..model.policy import TokenPolicy, make_policy
 from .output import write_json
-from .prefill import Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs
+from .prefill import DENSE, SPARSE, Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs
 from .shapes import SHAPES
 
 _ACTIVATION_MARGIN = 1 << 30  # bytes left for one decode step's activations when judging what fits
@@ -95,13 +95,13 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def cache_bytes_needed(model: DynamicLlavaForCausalLM, batch_size: int, prompt_tokens: int, prompt_kept: int,
-                       output_tokens: int, output_kept: int) -> int:
-    """KV bytes held after `output_tokens` generated tokens (`output_kept` of them in the sparse layers)."""
+def cache_bytes_needed(model: DynamicLlavaForCausalLM, sparse_layer: int, batch_size: int, prompt_tokens: int,
+                       prompt_kept: int, output_tokens: int, output_kept: int) -> int:
+    """KV bytes held after `output_tokens` generated tokens (`output_kept` of them in the layers >= sparse_layer)."""
     config = model.config
     per_entry = 2 * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
-    k, layers = model.sparse_layer, config.num_hidden_layers
-    entries = k * (prompt_tokens + output_tokens) + (layers - k) * (prompt_kept + output_kept)
+    layers = config.num_hidden_layers
+    entries = sparse_layer * (prompt_tokens + output_tokens) + (layers - sparse_layer) * (prompt_kept + output_kept)
     return batch_size * entries * per_entry
 
 
@@ -114,7 +114,7 @@ def real_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPol
     decoder.replicate(batch_size)
     for _ in range(length):
         decoder.step()
-    report = decoder.kv_report(model.sparse_layer)
+    report = decoder.kv_report(policy.sparse_layer)
     kept = decoder.outputs_kept.float().mean().item()
     return {"output_tokens": length, "seconds_per_token": statistics.median(decoder.seconds[-window:]),
             "kv_cache_bytes": report["kv_cache_bytes"], "output_tokens_kept": round(kept),
@@ -130,11 +130,11 @@ def filled_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenP
     decoder.replicate(batch_size)
     decoder.step()
     filled = length - 1 - window
-    decoder.fill(filled, round(keep_fraction * filled), model.sparse_layer, seed)
+    decoder.fill(filled, round(keep_fraction * filled), policy.sparse_layer, seed)
     decoder.seconds.clear()
     for _ in range(window):
         decoder.step()
-    report = decoder.kv_report(model.sparse_layer)
+    report = decoder.kv_report(policy.sparse_layer)
     return {"output_tokens": decoder.fed, "seconds_per_token": statistics.median(decoder.seconds),
             "kv_cache_bytes": report["kv_cache_bytes"],
             "kv_cache_allocated_bytes": report["kv_cache_allocated_bytes"],
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = make_inputs(1, args.prompt_text_tokens, shape.vision, args.seed)
     batch_inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed)
     rule = calibrate_output_predictor(model, inputs, n_tokens=32)
-    policies = {"dense": DensePolicy(), "sparse": model.default_policy()}
+    policies = {"dense": make_policy(model, DENSE), "sparse": make_policy(model, SPARSE)}
     prompt_tokens = args.prompt_text_tokens + inputs.image_tokens
     with torch.inference_mode():
         prompt_kept = {name: int(model.step(model.embed(inputs.prompts, inputs.images), model.new_cache(1),
@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
         for name, policy in policies.items():
             gc.collect()
             kept = round(keep_fraction[name] * length)
-            need = cache_bytes_needed(model, args.batch_size, prompt_tokens, prompt_kept[name], length, kept)
+            need = cache_bytes_needed(model, policies[name].sparse_layer, args.batch_size, prompt_tokens,
+                                      prompt_kept[name], length, kept)
             free = available_memory()
             point: dict[str, Any] = {"output_tokens": length, "kv_cache_bytes_needed": need}
             if need * 1.25 + _ACTIVATION_MARGIN > free:  # the cache grows by up to 25 % at a time

@@ -41,7 +41,7 @@ from ..model.cache import SparseKVCache
 from ..model.config import DynamicLlavaConfig
 from ..model.decoder import RMSNorm, RotaryEmbedding
 from ..model.llava import DynamicLlavaForCausalLM, StepOutput
-from ..model.policy import AttentionProbe, DensePolicy, DynamicLlavaPolicy, TokenPolicy
+from ..model.policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
 from ..model.vision import CLIPVisionTower
 from .flops import exact_prefill_flops, paper_formula_flops
 from .flops import schedules as flops_schedules
@@ -55,6 +55,8 @@ PROMPT_PREFIX = 35  # BOS + v1.5 system prompt + " USER:" (LLaMA tokenizer), the
 _POOL_SIZE = 1_000_003  # prime, so consecutive rows of a weight get different windows of the pool
 _INIT_STD = 0.02
 TRANSFORMERS_CALL = "model(input_ids, pixel_values, attention_mask, use_cache=True, logits_to_keep=1)"
+# The two settings every benchmark compares: dense LLaVA-1.5 and the checkpoint's Dynamic-LLaVA
+DENSE, SPARSE = SparsityOptions(sparse=False), SparsityOptions()
 
 
 # ----------------------------------------------------------------------------- models
@@ -282,6 +284,7 @@ class _Recorder:
 
     def __init__(self, policy: TokenPolicy) -> None:
         self.policy = policy
+        self.sparse_layer, self.eviction = policy.sparse_layer, policy.eviction
         self.hidden: list[torch.Tensor] = []
 
     def select(self, hidden: torch.Tensor, batch: TokenBatch, probe: AttentionProbe | None = None) -> torch.Tensor:
@@ -293,8 +296,7 @@ class _Recorder:
 def calibrate_output_predictor(model: DynamicLlavaForCausalLM, inputs: Inputs, n_tokens: int) -> str:
     """Rescale the random output-text predictor's last Linear so keep-logit - drop-logit has unit spread
     and zero median over the generated tokens of a calibration decode: about half are kept."""
-    sparse = model.sparse.with_overrides(use_output_text_predictor=False)
-    recorder = _Recorder(DynamicLlavaPolicy(sparse, model.model.image_score_predictor, None))
+    recorder = _Recorder(make_policy(model, SparsityOptions(output_sparsity=False)))
     decoder = Decoder(model, inputs, recorder)
     for _ in range(n_tokens):
         decoder.step()
@@ -349,7 +351,7 @@ def check_parity(seed: int) -> float:
     ref = build_reference(model)
     inputs = make_inputs(2, 40, shape.vision, seed)
     with torch.inference_mode():
-        ours = model.forward_full(inputs.prompts, inputs.images, policy=DensePolicy()).logits
+        ours = model.forward_full(inputs.prompts, inputs.images, make_policy(model, DENSE)).logits
         theirs = ref(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
                      attention_mask=inputs.attention_mask).logits
     return float((ours - theirs).abs().max() / theirs.abs().max())
@@ -399,9 +401,8 @@ def run(args: argparse.Namespace) -> int:
     n_prompt = inputs.text_tokens + inputs.image_tokens
     if n_prompt + args.decode_tokens > model.config.max_position_embeddings:
         raise UserError(f"{n_prompt} prompt + {args.decode_tokens} decode tokens exceed the context length")
-    dense_policy, sparse_policy = DensePolicy(), model.default_policy()
-    k = model.sparse_layer
-    expected_kept = math.floor(model.sparse.vision_keep_rate * inputs.image_tokens + 1e-6)
+    dense_policy, sparse_policy = make_policy(model, DENSE), make_policy(model, SPARSE)
+    expected_kept = math.floor(sparse_policy.vision_keep_rate * inputs.image_tokens + 1e-6)
 
     with torch.inference_mode():
         print(f"warm-up: {inputs.text_tokens} text + {inputs.image_tokens} image tokens x {args.batch_size}",
@@ -442,9 +443,9 @@ def run(args: argparse.Namespace) -> int:
                 for name in (("dense", "sparse") if step % 2 == 0 else ("sparse", "dense")):
                     decoders[name].step()
             decode = {name: statistics.median(d.seconds) for name, d in decoders.items()}
-            reports = {name: d.kv_report(k) for name, d in decoders.items()}
+            reports = {name: d.kv_report(sparse_policy.sparse_layer) for name, d in decoders.items()}
     kv = {name: reports[name]["kv_cache_bytes"] if reports else prefill_kv[name] for name in ("dense", "sparse")}
-    flops = prefill_flops(shape, inputs.text_tokens, inputs.image_tokens, model.sparse.vision_keep_rate)
+    flops = prefill_flops(shape, inputs.text_tokens, inputs.image_tokens, sparse_policy.vision_keep_rate)
 
     result: dict[str, Any] = {
         "prefill_seconds": prefill,

@@ -23,11 +23,14 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..model.policy import SparsityOptions
 
 VISION_BUDGETS = (0.1, 0.2, 0.5)
 CLAIM_BUDGET = 0.2  # the claims are stated at 20 % of the image tokens, the paper's setting
@@ -193,7 +196,6 @@ class ShortAnswerRun:
 
         self.questions, self.batch_size, self.patches = questions, batch_size, patches
         self.tokenizer, self.model, processor, _ = load_pretrained_model(checkpoint, device="cpu")
-        self.base_sparse = dict(self.model.config.sparse_config or {})
         self.requests = [prepare_request(q["text"], [image_folder / q["image"]], self.tokenizer, processor,
                                          self.model.config, "llava_v1") for q in tqdm(questions, desc="prompts")]
 
@@ -202,13 +204,10 @@ class ShortAnswerRun:
         import torch
 
         from ..generation import GenerationConfig, generate
+        from ..model.policy import SparsityOptions, make_policy
         from .reference_policies import CentrePrior, GivenPatches
 
-        self.model.config.sparse_config = dict(self.base_sparse)
-        if method.flags:
-            self.model.set_sparse(**_overrides(method.flags))
-        elif method.sparse_layer is not None:
-            self.model.set_sparse(sparse_layer=method.sparse_layer)
+        options = _options(method.flags) if method.flags else SparsityOptions(sparse_layer=method.sparse_layer)
         trained = {k: v.clone() for k, v in self.model.state_dict().items() if "score_predictor" in k}
         if method.untrained_predictor:
             torch.manual_seed(0)
@@ -219,28 +218,30 @@ class ShortAnswerRun:
                 batch = self.requests[start:start + self.batch_size]
                 questions = self.questions[start:start + self.batch_size]
                 if method.vision_rule == "oracle":
-                    policy = GivenPatches([torch.tensor(self.patches[q["image"]][0]) for q in questions])
+                    policy = GivenPatches([torch.tensor(self.patches[q["image"]][0]) for q in questions],
+                                          method.sparse_layer)
                 elif method.vision_rule == "centre":
-                    policy = CentrePrior(method.vision_keep)
+                    policy = CentrePrior(method.vision_keep, method.sparse_layer)
                 else:
-                    policy = self.model.default_policy()
+                    policy = make_policy(self.model, options)
                 results = generate(self.model, self.tokenizer, [r.input_ids for r in batch],
                                    [r.pixel_values for r in batch],
                                    GenerationConfig(max_new_tokens=8, stop_strings=[batch[0].stop]), policy)
                 rows += [{"question_id": q["question_id"], "text": r.text.strip(), "metadata": r.efficiency_stats(),
                           "image_keep": [bool(v) for v in r.image_keep[0]]}  # every question has one image
                          for q, r in zip(questions, results)]
-        self.model.config.sparse_config = dict(self.base_sparse)
         self.model.load_state_dict(trained, strict=False)
         return rows
 
 
-def _overrides(flags: Sequence[str]) -> dict[str, Any]:
+def _options(flags: Sequence[str]) -> SparsityOptions:
+    """The `SparsityOptions` a runner builds from these sparsity flags."""
+    from ..model.policy import SparsityOptions
     from ..sparsity_options import add_sparsity_arguments, sparsity_overrides
 
     parser = argparse.ArgumentParser()
     add_sparsity_arguments(parser)
-    return sparsity_overrides(parser.parse_args(list(flags)))
+    return SparsityOptions.from_overrides(**sparsity_overrides(parser.parse_args(list(flags))))
 
 
 def correctness(rows: list[dict], truth: list[dict]) -> list[float]:
@@ -330,12 +331,14 @@ def prefill_flops(model_config: Any, tower_config: Any, text_tokens: int, method
     return out
 
 
-def kv_curve(model: Any, request: Any, target: list[int]) -> list[int]:
-    """KV-cache bytes of one sample after each reference token is fed back (teacher forcing, the model's
-    current policy, online compression / eviction as in decoding)."""
+def kv_curve(model: Any, request: Any, target: list[int], options: SparsityOptions) -> list[int]:
+    """KV-cache bytes of one sample after each reference token is fed back (teacher forcing, the policy of
+    `options`, online compression / eviction as in decoding)."""
     import torch
 
-    policy = model.default_policy()
+    from ..model.policy import make_policy
+
+    policy = make_policy(model, options)
     device = model.lm_head.weight.device
     curve = []
     with torch.inference_mode():
@@ -359,21 +362,21 @@ def run_generation(model_path: Path, data: Path, split: str, samples: int, curve
 
     meteor, note = load_meteor()
     rows = read_samples(str(data / split / "describe.jsonl"), str(data / "images"), samples)
+    tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu")
+    args = argparse.Namespace(image_folder=str(data / "images"), conv_mode="llava_v1", max_new_tokens=max_new_tokens)
     results = {}
     for method in methods:
         print(f"\n--- {method.name}: python -m dynamic_llava.eval.generation_ability --model-path {model_path} "
               f"--question-file {data / split / 'describe.jsonl'} --image-folder {data / 'images'} "
               f"--limit {samples} --max-new-tokens {max_new_tokens} {shlex.join(method.flags)}", flush=True)
-        tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", **_overrides(method.flags))
-        args = argparse.Namespace(image_folder=str(data / "images"), conv_mode="llava_v1",
-                                  max_new_tokens=max_new_tokens)
-        per_sample = [evaluate_sample(model, tokenizer, processor, s, args, meteor) for s in rows]
+        options = _options(method.flags)
+        per_sample = [evaluate_sample(model, tokenizer, processor, s, args, meteor, options) for s in rows]
         curves = []
         for sample in rows[:curve_samples]:
             request = prepare_request(sample["text"], [data / "images" / sample["image"]], tokenizer, processor,
                                       model.config, "llava_v1")
             target = tokenizer(sample["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            curves.append(kv_curve(model, request, target))
+            curves.append(kv_curve(model, request, target, options))
         length = min(len(c) for c in curves)
         results[method.name] = {"family": method.family, "flags": list(method.flags), **aggregate(per_sample),
                                 "meteor_note": note,
@@ -388,20 +391,21 @@ def kept_patch_masks(model_path: Path, data: Path, split: str, images: int, rate
     from ..eval.io import read_jsonl
     from ..generation import GenerationConfig, generate
     from ..model.loading import load_pretrained_model
+    from ..model.policy import SparsityOptions, make_policy
     from ..prompting import prepare_request
 
     samples = read_jsonl(data / split / "describe.jsonl")[:images]
     paths = [data / "images" / s["image"] for s in samples]
     masks: dict[str, list[list[bool]]] = {}
+    tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu")
     for rule in ("predictor", "fastv", "random"):
         layer = max(sparse_layer, 1) if rule == "fastv" else sparse_layer
-        tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", vision_policy=rule,
-                                                               vision_keep_rate=rate, sparse_layer=layer)
+        options = SparsityOptions(vision_policy=rule, vision_keep_rate=rate, sparse_layer=layer)
         masks[rule] = []
         for sample, path in zip(samples, paths):
             request = prepare_request(sample["text"], [path], tokenizer, processor, model.config, "llava_v1")
             result = generate(model, tokenizer, [request.input_ids], [request.pixel_values],
-                              GenerationConfig(max_new_tokens=1))[0]
+                              GenerationConfig(max_new_tokens=1), make_policy(model, options))[0]
             masks[rule].append(result.image_keep[0])
     return paths, masks
 

@@ -5,7 +5,8 @@
 - `CentrePrior`: keeps the budget's patches nearest the image centre whatever the image shows, the
   "where things usually are" prior that needs no model at all.
 
-Both follow `model.policy.TokenPolicy`: text is always kept, generated tokens too.
+Both follow `model.policy.TokenPolicy` (dropping at `sparse_layer`, evicting nothing): text is always kept,
+generated tokens too.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from ..model.policy import AttentionProbe, image_token_index, images_top_k
 class GivenPatches:
     """Keeps, of the i-th image of the batch (batch order), the patches where `masks[i]` is True."""
 
-    def __init__(self, masks: list[torch.Tensor]) -> None:
+    eviction = None
+
+    def __init__(self, masks: list[torch.Tensor], sparse_layer: int) -> None:
         self.masks = masks
+        self.sparse_layer = sparse_layer
 
     def select(self, hidden: torch.Tensor, batch: TokenBatch, probe: AttentionProbe | None = None) -> torch.Tensor:
         keep = batch.valid.clone()
@@ -36,8 +40,11 @@ class CentrePrior:
     """Keeps floor(keep_rate x N) patches of each image, nearest the centre of its square patch grid first
     (ties broken by reading order)."""
 
-    def __init__(self, keep_rate: float) -> None:
+    eviction = None
+
+    def __init__(self, keep_rate: float, sparse_layer: int) -> None:
         self.keep_rate = keep_rate
+        self.sparse_layer = sparse_layer
 
     def select(self, hidden: torch.Tensor, batch: TokenBatch, probe: AttentionProbe | None = None) -> torch.Tensor:
         keep = batch.valid.clone()

@@ -29,6 +29,11 @@ class LayerKVCache:
         self.n_generated: torch.Tensor | None = None  # [B] generated tokens committed so far (held or evicted)
 
     @property
+    def tracks_attention(self) -> bool:
+        """Whether this layer runs H2O's explicit attention (the policy's eviction switched it on)."""
+        return self.scores is not None
+
+    @property
     def capacity(self) -> int:
         return self.k.shape[2]
 

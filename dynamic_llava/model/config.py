@@ -15,13 +15,11 @@ from transformers import PretrainedConfig
 from ..errors import UserError
 
 
-VISION_RULES = ("predictor", "fastv", "random")  # how image tokens are ranked (policy.py)
-OUTPUT_RULES = ("predictor", "random", "structure", "h2o")  # how generated tokens are kept
-
-
 @dataclass
 class SparseConfig:
-    """Dynamic-LLaVA switches and sizes (SPEC 2.1); saved as `config.sparse_config`."""
+    """Dynamic-LLaVA switches and sizes (SPEC 2.1), facts of the checkpoint saved as `config.sparse_config`:
+    which predictors it has, their sizes, and the keep rates and sparse_layer it was trained with. A run's
+    own choices (other rates, rules, dense) are `policy.SparsityOptions`, applied by `make_policy`."""
 
     use_vision_predictor: bool = True
     vision_keep_rate: float = 0.2
@@ -38,11 +36,6 @@ class SparseConfig:
     dim_feedforward: int = 2048
     num_layers: int = 2
     mask_loss_weight: float = 100.0
-    # Inference-time ranking rules (see policy.py): the learned predictors by default; FastV / random /
-    # structure / H2O reproduce the paper's baselines in the same engine.
-    vision_policy: str = "predictor"  # one of VISION_RULES
-    output_policy: str = "predictor"  # one of OUTPUT_RULES
-    policy_seed: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "SparseConfig":
@@ -60,15 +53,12 @@ class SparseConfig:
     def sparsify_output_text(self) -> bool:
         return self.use_text_predictor and self.use_output_text_predictor
 
-    def with_overrides(self, sparse: bool | None = None, **overrides: Any) -> "SparseConfig":
-        """`sparse=False` turns every sparsification off; other keys replace fields (None = unchanged)."""
-        updates = {k: v for k, v in overrides.items() if v is not None}
+    def replace(self, **fields: Any) -> "SparseConfig":
+        """A copy with these fields replaced (None = unchanged): what sparsification training writes."""
+        updates = {k: v for k, v in fields.items() if v is not None}
         unknown = set(updates) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise UserError(f"unknown sparse_config keys: {sorted(unknown)}")
-        if sparse is False:
-            updates.update(use_vision_predictor=False, use_text_predictor=False,
-                           use_output_text_predictor=False, use_instruct_predictor=False)
         new = dataclasses.replace(self, **updates)
         new.validate()
         return new
@@ -80,13 +70,6 @@ class SparseConfig:
                 raise UserError(f"{name} must be in (0, 1], got {rate}")
         if self.sparse_layer < 0:
             raise UserError(f"sparse_layer must be >= 0, got {self.sparse_layer}")
-        if self.vision_policy == "fastv" and self.sparsify_vision and self.sparse_layer == 0:
-            raise UserError("vision_policy 'fastv' ranks image tokens by the attention in layer sparse_layer - 1: "
-                            "it needs sparse_layer >= 1")
-        if self.vision_policy not in VISION_RULES:
-            raise UserError(f"vision_policy must be one of {', '.join(VISION_RULES)}, got {self.vision_policy!r}")
-        if self.output_policy not in OUTPUT_RULES:
-            raise UserError(f"output_policy must be one of {', '.join(OUTPUT_RULES)}, got {self.output_policy!r}")
 
 
 # LLaMA keys kept in config.json, with LLaMA-7B defaults.

@@ -108,7 +108,7 @@ class Attention(nn.Module):
         # Keys exactly these tokens, unpadded, in increasing position order: the mask is triangular.
         causal = key_mask is None and t > 1 and bool((cache.lengths == 0).all()) and bool((n_new == t).all())
         keys, values, key_positions, key_valid = cache.write(k, v, positions, n_new)
-        if cache.scores is not None:  # H2O: the attention each entry receives, from this forward's real queries
+        if cache.tracks_attention:  # H2O: the attention each entry receives, from this forward's real queries
             mask = attention_mask(positions, key_positions, key_valid)
             out, probs = _explicit_attention(q, keys, values, mask if key_mask is None else mask & key_mask)
             real = torch.arange(t, device=x.device)[None, :] < n_new[:, None]
@@ -121,19 +121,19 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def last_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                             lengths: torch.Tensor) -> torch.Tensor:
+                             n_new: torch.Tensor) -> torch.Tensor:
         """[B, T]: softmax attention of each sample's last real token over the tokens of x (right-padded,
-        normed layer input), averaged over heads. Only that one query row is computed."""
+        n_new [B] real ones; normed layer input), averaged over heads. Only that one query row is computed."""
         b, t, _ = x.shape
         rows = torch.arange(b, device=x.device)
-        last = lengths - 1
+        last = n_new - 1
         q = self.q_proj(x[rows, last]).view(b, self.num_heads, 1, self.head_dim)
         cos_q, sin_q = cos[rows, :, last][:, :, None], sin[rows, :, last][:, :, None]
         q = q * cos_q + _rotate_half(q) * sin_q
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         k = (k * cos + _rotate_half(k) * sin).repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() / self.head_dim ** 0.5  # [B, H, 1, T]
-        valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
+        valid = torch.arange(t, device=x.device)[None, :] < n_new[:, None]
         visible = valid & (positions <= positions[rows, last][:, None])
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         return scores.softmax(-1).mean(1)[:, 0]
@@ -178,9 +178,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def last_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                             lengths: torch.Tensor) -> torch.Tensor:
+                             n_new: torch.Tensor) -> torch.Tensor:
         """x: this layer's input; see Attention.last_token_attention."""
-        return self.self_attn.last_token_attention(self.input_layernorm(x), cos, sin, positions, lengths)
+        return self.self_attn.last_token_attention(self.input_layernorm(x), cos, sin, positions, n_new)
 
     def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor | None,
                       key_valid: torch.Tensor) -> torch.Tensor:

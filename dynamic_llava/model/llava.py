@@ -1,9 +1,9 @@
 """The Dynamic-LLaVA model: multimodal embedding, and the sparse forward used by prefill and decoding.
 
 One forward handles every inference mode (SPEC 2.2): the new tokens of a batch run through layers
-0..K-1 in full; at layer K (`sparse_layer`) the token policy picks the tokens that stay; those (plus
-each sample's last token, which produces the logits) are gathered, keeping their original RoPE
-positions, and run through layers K..L-1. The KV cache records only what stays. Prefill, decoding
+0..K-1 in full; at layer K (the policy's `sparse_layer`) the token policy picks the tokens that stay;
+those (plus each sample's last token, which produces the logits) are gathered, keeping their original
+RoPE positions, and run through layers K..L-1. The KV cache records only what stays. Prefill, decoding
 with the cache (one new token per step) and decoding without it (the whole sequence each step, on a
 fresh cache) are the same call with different inputs.
 
@@ -29,7 +29,7 @@ from .batch import IMAGE, OUTPUT, PAD_POSITION, TEXT, TokenBatch
 from .cache import SparseKVCache
 from .config import DynamicLlavaConfig, SparseConfig
 from .decoder import DecoderLayer, RMSNorm, RotaryEmbedding
-from .policy import AttentionProbe, DensePolicy, DynamicLlavaPolicy, TokenPolicy
+from .policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
 from .predictors import ImageScorePredictor, TokenScorePredictor, init_predictor_weights
 from .projector import build_projector
 from .sparsity_training import SparsityTraining, decide
@@ -75,6 +75,8 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # None: the training forward is dense LLaVA; set by sparsification training (train_sparse).
         self.sparsity_training: SparsityTraining | None = None
+        # What `make_policy(model)` builds from when given no options: set once, by the loader's arguments.
+        self.sparsity_options = SparsityOptions()
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -105,26 +107,13 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
     # ----------------------------------------------------------------- configuration
     @property
     def sparse(self) -> SparseConfig:
+        """The checkpoint's `sparse_config` (what training used; policies are built by `make_policy`)."""
         return self.config.sparse
-
-    def set_sparse(self, sparse: bool | None = None, **overrides: object) -> None:
-        """Change the sparsification for later calls (`sparse=False`: dense LLaVA-1.5)."""
-        self.config.sparse_config = self.config.sparse.with_overrides(sparse=sparse, **overrides).to_dict()
-
-    def default_policy(self) -> TokenPolicy:
-        sparse = self.sparse
-        if not (sparse.sparsify_vision or sparse.sparsify_output_text):
-            return DensePolicy()
-        return DynamicLlavaPolicy(sparse, self.model.image_score_predictor, self.model.output_text_score_predictor)
 
     def reinit_predictors(self) -> None:
         for name in ("image_score_predictor", "output_text_score_predictor", "instruct_score_predictor"):
             if hasattr(self.model, name):
                 init_predictor_weights(getattr(self.model, name))
-
-    @property
-    def sparse_layer(self) -> int:
-        return min(self.sparse.sparse_layer, self.config.num_hidden_layers)
 
     # ----------------------------------------------------------------- embedding
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -206,10 +195,10 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         order (rows of tokens dropped at sparse_layer are NaN: they never reached the head). With an
         evicting policy (H2O) and a non-empty cache, layers >= sparse_layer evict after their commit.
         """
-        policy = policy or self.default_policy()
-        k = self.sparse_layer
-        # H2O evicts cached generated tokens; other policies have no `eviction` and keep fused attention.
-        eviction = getattr(policy, "eviction", None)
+        policy = policy or make_policy(self)
+        sparse_layer = policy.sparse_layer
+        # H2O evicts cached generated tokens; other policies have no eviction and keep fused attention.
+        eviction = policy.eviction
         track = False
         if eviction is not None:
             track = bool((cache.layers[0].lengths > 0).any())  # at prefill (empty cache) H2O does nothing
@@ -219,26 +208,27 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         h = batch.embeds
         cos, sin = self.model.rotary(batch.positions, h.dtype)
         probe_input = h
-        for layer, layer_cache in zip(self.model.layers[:k], cache.layers[:k]):
+        early, late = slice(None, sparse_layer), slice(sparse_layer, None)
+        for layer, layer_cache in zip(self.model.layers[early], cache.layers[early]):
             probe_input = h
             h = layer(h, cos, sin, batch.positions, batch.lengths, layer_cache)
             layer_cache.commit(batch.lengths)
-        probe = self._attention_probe(probe_input, batch, cos, sin)
-        keep = policy.select(h, batch, probe) & batch.valid if k < len(self.model.layers) else batch.valid
+        probe = self._attention_probe(probe_input, batch, cos, sin, sparse_layer)
+        keep = policy.select(h, batch, probe) & batch.valid if sparse_layer < len(self.model.layers) else batch.valid
         processed = keep | (batch.is_last & batch.valid)
         # Processed tokens first, in their original order; kept ones precede a dropped last token.
         order = torch.sort((~processed).to(torch.int8), dim=1, stable=True).indices
         n_processed = processed.sum(1)
         order = order[:, : int(n_processed.max())]
         h = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
-        sub = batch.gather(order, n_processed, h)
+        sub = batch.gather(order, n_processed, h)  # its lengths are n_processed
         n_kept = keep.sum(1)
         cos, sin = self.model.rotary(sub.positions, h.dtype)
         generated = sub.kinds == OUTPUT if track else None
-        for layer, layer_cache in zip(self.model.layers[k:], cache.layers[k:]):
+        for layer, layer_cache in zip(self.model.layers[late], cache.layers[late]):
             if track:
                 layer_cache.track_attention()
-            h = layer(h, cos, sin, sub.positions, n_processed, layer_cache)
+            h = layer(h, cos, sin, sub.positions, sub.lengths, layer_cache)
             layer_cache.commit(n_kept, generated)
             if track:
                 eviction.evict(layer_cache)
@@ -254,14 +244,14 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         return StepOutput(self.lm_head(last), keep)
 
     def _attention_probe(self, layer_input: torch.Tensor, batch: TokenBatch, cos: torch.Tensor,
-                         sin: torch.Tensor) -> AttentionProbe | None:
+                         sin: torch.Tensor, sparse_layer: int) -> AttentionProbe | None:
         """FastV's signal at layer sparse_layer - 1 (whose input is `layer_input`), computed only if asked;
         None when tokens are dropped before the first layer (no layer has attended yet).
 
         Covers the tokens of this forward: the prompt, when image tokens are being ranked at prefill."""
-        if self.sparse_layer == 0:
+        if sparse_layer == 0:
             return None
-        layer = self.model.layers[self.sparse_layer - 1]
+        layer = self.model.layers[sparse_layer - 1]
         return lambda: layer.last_token_attention(layer_input, cos, sin, batch.positions, batch.lengths)
 
     def forward_full(self, input_ids: Sequence[Sequence[int] | torch.Tensor],
@@ -276,14 +266,16 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
                        policy: TokenPolicy | None = None) -> StepOutput:
         """Like `forward_full` but nothing is removed: from sparse_layer on, the policy's dropped tokens
         are hidden as keys by the training-time masked softmax (each token still sees itself)."""
-        policy = policy or self.default_policy()
+        policy = policy or make_policy(self)
         batch = self.embed(input_ids, images)
-        k = self.sparse_layer
-        probe_input = self._train_layers(batch, 0, max(k - 1, 0), None)
-        h = self._train_layers(batch, max(k - 1, 0), k, None, probe_input)
+        sparse_layer = policy.sparse_layer
+        probe_layer = max(sparse_layer - 1, 0)
+        probe_input = self._train_layers(batch, 0, probe_layer, None)
+        h = self._train_layers(batch, probe_layer, sparse_layer, None, probe_input)
         cos, sin = self.model.rotary(batch.positions, h.dtype)
-        keep = policy.select(h, batch, self._attention_probe(probe_input, batch, cos, sin)) & batch.valid
-        h = self._train_layers(batch, self.sparse_layer, len(self.model.layers), keep.to(h.dtype), h)
+        probe = self._attention_probe(probe_input, batch, cos, sin, sparse_layer)
+        keep = policy.select(h, batch, probe) & batch.valid
+        h = self._train_layers(batch, sparse_layer, len(self.model.layers), keep.to(h.dtype), h)
         return StepOutput(self.lm_head(self.model.norm(h)), keep)
 
     # ----------------------------------------------------------------- training
@@ -311,15 +303,15 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         max_length = getattr(self.config, "tokenizer_model_max_length", None)
         if max_length and batch.embeds.shape[1] > max_length:
             batch, expanded = batch.truncate(max_length), expanded[:, :max_length]
-        k = self.sparse_layer
-        h = self._train_layers(batch, 0, k, None)
-        sparse = self.sparse
+        sparse = self.sparse  # training's keep rates and sparse_layer: the checkpoint's
+        sparse_layer = min(sparse.sparse_layer, len(self.model.layers))
+        h = self._train_layers(batch, 0, sparse_layer, None)
         decisions = None
-        if self.sparsity_training is not None and k < len(self.model.layers):
+        if self.sparsity_training is not None and sparse_layer < len(self.model.layers):
             decisions = decide(h, batch, expanded, sparse, self.model.image_score_predictor,
                                self.model.output_text_score_predictor, self.sparsity_training.tau)
         keep = decisions.keep if decisions is not None else None
-        h = self._train_layers(batch, k, len(self.model.layers), keep, h)
+        h = self._train_layers(batch, sparse_layer, len(self.model.layers), keep, h)
         logits = self.lm_head(self.model.norm(h))
         targets = expanded[:, 1:].masked_fill(~batch.valid[:, 1:], IGNORE_INDEX)
         n_targets = (targets != IGNORE_INDEX).sum()

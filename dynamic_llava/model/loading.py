@@ -25,6 +25,7 @@ from .convert import (
     write_llava_checkpoint,
 )
 from .llava import DynamicLlavaForCausalLM
+from .policy import SparsityOptions
 from .vision import CLIPVisionTower
 
 __all__ = ["convert_checkpoint", "load_base_llm", "load_pretrained_model", "save_pretrained_llava"]
@@ -160,8 +161,9 @@ def load_pretrained_model(
 
     `dtype`: a torch dtype, a name, "auto" (the commands' default) or None (float32 on CPU), see `resolve_dtype`;
     a CPU load that cannot fit the available memory is refused with a message naming the dtype that would.
-    `sparse=False` makes the model dense; other `sparse_overrides` (e.g. `vision_keep_rate=0.3`) replace
-    `sparse_config` entries. `vision_tower` replaces `mm_vision_tower` (a path or a cached Hub id).
+    `sparse=False` makes the model dense; other `sparse_overrides` (e.g. `vision_keep_rate=0.3`) are
+    `SparsityOptions` fields: together the model's `sparsity_options`, which `make_policy(model)` uses.
+    `vision_tower` replaces `mm_vision_tower` (a path or a cached Hub id).
     """
     del model_name
     device = torch.device(device)
@@ -211,9 +213,8 @@ def load_pretrained_model(
         _attach_tower(model, load_clip(tower_path, device, torch_dtype))
         image_processor = load_image_processor(tower_path)
     tokenizer = load_tokenizer(base or path, config)
-    if sparse is not None or sparse_overrides:
-        model.set_sparse(sparse=sparse, **sparse_overrides)
-    if model.sparse.use_instruct_predictor:
+    model.sparsity_options = SparsityOptions.from_overrides(sparse, **sparse_overrides)
+    if model.sparse.use_instruct_predictor and model.sparsity_options.sparse:
         warnings.warn(f"{path} was trained with the instruction predictor (sparse_config use_instruct_predictor: "
                       "true, the paper's ablation), which this implementation does not run: every instruction "
                       "token is kept, so answers can differ from the reference's", stacklevel=2)

@@ -70,14 +70,15 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class Sparsity:
-    """Per-request sparsification: `sparse=False` is dense LLaVA-1.5; `vision_keep_rate` None = the model's."""
+class RequestSparsity:
+    """One request's settings over the server's `SparsityOptions`: `sparse=False` is dense LLaVA-1.5;
+    `vision_keep_rate` None = the server's."""
 
     sparse: bool = True
     vision_keep_rate: float | None = None
 
     @classmethod
-    def parse(cls, sparse: Any = None, vision_keep_rate: Any = None) -> "Sparsity":
+    def parse(cls, sparse: Any = None, vision_keep_rate: Any = None) -> "RequestSparsity":
         if sparse is not None and not isinstance(sparse, bool):
             raise _bad(f"sparse must be true or false, got {sparse!r}")
         if vision_keep_rate is not None:
@@ -125,7 +126,7 @@ class Job:
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     config: GenerationConfig
-    sparsity: Sparsity
+    sparsity: RequestSparsity
     ticket: Ticket | None = None
 
     def stats(self, result: GenerationResult) -> dict[str, Any]:
@@ -153,7 +154,7 @@ class Engine:
             thread.start()
 
     # ------------------------------------------------------------------ requests
-    def prepare(self, prompt: str, images: Sequence[Image.Image], sampling: Sampling, sparsity: Sparsity) -> Job:
+    def prepare(self, prompt: str, images: Sequence[Image.Image], sampling: Sampling, sparsity: RequestSparsity) -> Job:
         """A job for `prompt` (with one `<image>` per image); CPU work, call it off the event loop."""
         if not isinstance(prompt, str) or not prompt:
             raise _bad("prompt must be a non-empty string")
@@ -262,7 +263,7 @@ class Engine:
                     self._leave(1)  # before the result goes out: its slot is free once the client has it
                     job.ticket.put(finished.pop(i))
 
-    def _policy(self, sparsity: Sparsity) -> TokenPolicy:
+    def _policy(self, sparsity: RequestSparsity) -> TokenPolicy:
         """The server's sparsity options (the model's load options) with this request's settings over them."""
         base = self.model.sparsity_options
         rate = base.vision_keep_rate if sparsity.vision_keep_rate is None else sparsity.vision_keep_rate

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError, run_command
 from ..model.policy import describe_sparsity
-from .engine import Engine, Job, Sampling, Sparsity
+from .engine import Engine, Job, RequestSparsity, Sampling
 from .images import ImageLimits, decode_base64_image
 from .options import add_model_arguments, image_limits, load_engine
 from .protocol import WORKER_HEART_BEAT_INTERVAL, ErrorCode, ServeError, encode_chunk, error_chunk, read_json
@@ -51,7 +51,7 @@ def make_job(engine: Engine, params: dict[str, Any], limits: ImageLimits) -> Job
     decoded = [decode_base64_image(image, limits, f"image {i}") for i, image in enumerate(images)]
     sampling = Sampling.parse(_field(params, "temperature", 1.0), _field(params, "top_p", 1.0),
                               _field(params, "max_new_tokens", 256), params.get("stop"))
-    sparsity = Sparsity.parse(params.get("sparse"), params.get("vision_keep_rate"))
+    sparsity = RequestSparsity.parse(params.get("sparse"), params.get("vision_keep_rate"))
     return engine.prepare(params.get("prompt"), decoded, sampling, sparsity)
 
 

@@ -36,7 +36,7 @@ from ..conversation import get_conv_template, stop_string
 from ..errors import UserError, run_command
 from ..mm_utils import count_image_placeholders
 from ..prompting import image_query, infer_conv_mode
-from .engine import Engine, Job, Sampling, Sparsity
+from .engine import Engine, Job, RequestSparsity, Sampling
 from .images import ImageLimits, decode_base64_image, fetch_image
 from .options import add_model_arguments, image_limits, load_engine
 from .protocol import ErrorCode, ServeError, read_json
@@ -213,7 +213,7 @@ def create_app(engine: Engine, settings: ApiSettings) -> FastAPI:
             max_tokens = _field(body, "max_completion_tokens", _field(body, "max_tokens", settings.default_max_tokens))
             sampling = Sampling.parse(_field(body, "temperature", 1.0), body.get("top_p"), max_tokens, body.get("stop"))
             sampling.stop += (template_stop,)
-            sparsity = Sparsity.parse(body.get("sparse"), body.get("vision_keep_rate"))
+            sparsity = RequestSparsity.parse(body.get("sparse"), body.get("vision_keep_rate"))
             job = await run_in_threadpool(engine.prepare, prompt, images, sampling, sparsity)
             engine.submit(job)
         except ServeError as error:

@@ -71,7 +71,8 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, im
         if sparse_args.use_instruct_predictor:
             raise UserError("--use_instruct_predictor True is not supported in training (the paper's ablation "
                             "shows it hurts); leave it False")
-        model.set_sparse(**sparse_args.sparse_config())
+        # the keep rates and sparse_layer this training writes into the checkpoint
+        config.sparse_config = model.sparse.replace(**sparse_args.sparse_config()).to_dict()
     model.train()
     return model, tokenizer, processor
 
