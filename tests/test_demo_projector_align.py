@@ -14,7 +14,7 @@ from dynamic_llava.data.synth import SynthConfig, write_dataset
 from dynamic_llava.demo import tower_pretrain
 from dynamic_llava.demo.projector_align import align_projector, patch_slots, slot_tables
 from dynamic_llava.demo.tower_pretrain import patch_labels
-from dynamic_llava.model.convert import load_image_processor, open_tokenizer
+from dynamic_llava.model.checkpoint_files import load_image_processor, open_tokenizer
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
 from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower

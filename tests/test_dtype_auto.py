@@ -16,7 +16,8 @@ from dynamic_llava.cli import main
 from dynamic_llava.errors import UserError
 from dynamic_llava.eval import generation_ability, runner
 from dynamic_llava.model import loading
-from dynamic_llava.model.convert import expected_shapes, read_checkpoint_config
+from dynamic_llava.model.checkpoint_files import read_checkpoint_config
+from dynamic_llava.model.layouts import expected_shapes
 from dynamic_llava.model.loading import load_pretrained_model, memory_shortfall, resolve_dtype
 from dynamic_llava.serve import cli as serve_cli
 from dynamic_llava.serve import options
@@ -143,7 +144,7 @@ def test_only_pre_zip_bin_weights_count_as_read_whole(monkeypatch, tiny_llava_di
     the model; both formats load the same weights."""
     from safetensors.torch import load_file
 
-    from dynamic_llava.model.convert import read_state_file
+    from dynamic_llava.model.checkpoint_files import read_state_file
 
     n = _tiny_params(tiny_llava_dir)
     state = load_file(tiny_llava_dir / "model.safetensors")

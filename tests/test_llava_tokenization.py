@@ -25,7 +25,7 @@ from PIL import Image
 from dynamic_llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.conversation import get_conv_template
 from dynamic_llava.mm_utils import llava_token_ids, tokenizer_image_token
-from dynamic_llava.model.convert import open_tokenizer, save_tokenizer
+from dynamic_llava.model.checkpoint_files import open_tokenizer, save_tokenizer
 from dynamic_llava.prompting import prepare_request
 from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
 from dynamic_llava.train.preprocess import PromptFormat, preprocess

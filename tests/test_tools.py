@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dynamic_llava.constants import IMAGE_TOKEN_INDEX
-from dynamic_llava.model.convert import iter_shards, save_state_dict
+from dynamic_llava.model.checkpoint_files import iter_shards, save_state_dict
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.tools import (
     apply_delta,

@@ -16,8 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dynamic_llava.model.convert import load_clip
-from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.model.loading import load_clip, load_pretrained_model
 from dynamic_llava.model.sparsity_training import gumbel_tau
 from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
 from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower

@@ -23,7 +23,7 @@ from dynamic_llava.constants import (
 from dynamic_llava.conversation import get_conv_template
 from dynamic_llava.errors import UserError
 from dynamic_llava.mm_utils import process_images, tokenizer_image_token
-from dynamic_llava.model.convert import load_image_processor, open_tokenizer
+from dynamic_llava.model.checkpoint_files import load_image_processor, open_tokenizer
 from dynamic_llava.train.dataset import (
     DataArguments,
     DataCollatorForSupervisedDataset,

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..model.checkpoint_files import save_torch_state, write_llava_config
 from ..model.loading import load_base_llm
-from ..train.trainer import write_config
 from .loss_history import LossHistory
 from .tower_pretrain import HEADS, SceneSplits
 
@@ -123,6 +123,6 @@ def _save(model: nn.Module, out: Path) -> None:
     config.mm_use_im_start_end = config.mm_use_im_patch_token = False
     config.tune_mm_mlp_adapter = True
     out.mkdir(parents=True, exist_ok=True)
-    write_config(model, out, sparse=False)
+    write_llava_config(out, config, sparse=False, dtype=model.lm_head.weight.dtype)
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("model.mm_projector.")}
-    torch.save(state, out / "mm_projector.bin")
+    save_torch_state(state, out / "mm_projector.bin")

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from ..data.scenes import COLOURS, DISTRACTOR_COLOUR, GRID, SHAPES, Scene, scene_from_dict
 from ..mm_utils import process_images
-from ..model.convert import load_clip, load_image_processor
+from ..model.checkpoint_files import load_image_processor
+from ..model.loading import load_clip
 from .loss_history import LossHistory
 
 # Per-patch heads: classes of each; a patch with no object gets the extra last class ("background")

@@ -302,7 +302,7 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) ->
     """Every stage into `out` (new or empty; with `resume`, a chain folder whose finished stages are kept);
     returns the summary also written to out/summary.json."""
     from ..data.synth import SynthConfig, write_dataset
-    from ..model.convert import load_image_processor
+    from ..model.checkpoint_files import load_image_processor
     from .tower_pretrain import SceneSplits
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not resume)):

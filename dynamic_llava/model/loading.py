@@ -1,34 +1,56 @@
 """Load a LLaVA-1.5 / llava-hf / Dynamic-LLaVA checkpoint as a ready model, and save one (LLaVA layout).
 
 `load_pretrained_model` is LLaVA's `builder.load_pretrained_model` for this package: offline, any
-device, the layout recognised from the files (see `convert` for the layouts themselves).
+device, the layout recognised from the files (see `layouts` for the layouts themselves, `checkpoint_files`
+for the files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPVisionModel, PreTrainedTokenizerBase
+from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from ..cpu_features import DTYPE_CHOICES, available_memory, native_bf16
 from ..errors import MissingExtra, UserError
-from .config import DynamicLlavaConfig
-from .convert import (
-    HF, LLAVA, CheckpointParts, CLIPImageProcessor, StateDict, build_clip, check_keys, convert_checkpoint, empty_init,
-    expected_shapes, is_predictor_key, iter_shards, llava_names, load_clip, load_image_processor, open_tokenizer,
-    read_checkpoint_config, read_json, read_state_file, resolve_local, resolve_vision_tower, weight_files,
+from .checkpoint_files import (
+    CheckpointParts,
+    CLIPImageProcessor,
+    iter_shards,
+    load_image_processor,
+    open_tokenizer,
+    read_checkpoint_config,
+    read_json,
+    read_state_file,
+    resolve_local,
+    resolve_vision_tower,
+    weight_files,
     write_llava_checkpoint,
+)
+from .config import DynamicLlavaConfig
+from .layouts import (
+    HF,
+    LLAVA,
+    StateDict,
+    check_keys,
+    check_tower_keys,
+    clip_vision_names,
+    expected_shapes,
+    is_predictor_key,
+    llava_names,
 )
 from .llava import DynamicLlavaForCausalLM
 from .policy import SparsityOptions
 from .vision import CLIPVisionTower
 
-__all__ = ["convert_checkpoint", "load_base_llm", "load_pretrained_model", "save_pretrained_llava"]
+__all__ = ["load_base_llm", "load_pretrained_model", "save_pretrained_llava"]
 
 # ----------------------------------------------------------------------------- dtype, memory, tokenizer, processor
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -100,6 +122,44 @@ def load_tokenizer(path: Path, config: DynamicLlavaConfig) -> PreTrainedTokenize
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+# ----------------------------------------------------------------------------- CLIP tower
+@contextlib.contextmanager
+def empty_init(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Build modules uninitialised, directly on `device` in `dtype` (weights are loaded right after)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights(), device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_clip(vision_config: CLIPVisionConfig, state: StateDict, where: Path,
+               device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> CLIPVisionModel:
+    """A CLIPVisionModel holding `state` (in its stored dtype if `dtype` is None)."""
+    check_tower_keys(vision_config, state, where)
+    with empty_init(torch.device(device), dtype or next(iter(state.values())).dtype):
+        clip = CLIPVisionModel(vision_config)
+    clip.load_state_dict(state)
+    return clip.eval()
+
+
+def load_clip(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> CLIPVisionModel:
+    """The CLIP vision model in a tower folder (of a full CLIP checkpoint, its vision half).
+
+    Read directly rather than with `from_pretrained`, which reports the text half as unexpected weights.
+    """
+    try:
+        config = CLIPVisionConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the CLIP vision tower config in {path}: {err}") from None
+    state: StateDict = {}
+    for shard in iter_shards(path):
+        state.update(clip_vision_names(shard))
+    return build_clip(config, state, path, device, dtype)
 
 
 # ----------------------------------------------------------------------------- loading

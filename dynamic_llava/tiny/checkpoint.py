@@ -13,8 +13,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
 from ..errors import UserError
+from ..model.checkpoint_files import save_tokenizer
 from ..model.config import DynamicLlavaConfig, SparseConfig
-from ..model.convert import convert_checkpoint, save_tokenizer
+from ..model.convert import convert_checkpoint
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.loading import save_pretrained_llava
 from .tokenizer import train_tiny_tokenizer

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from ..errors import UserError, run_command
 from ..model.checkpoint_files import LazyWeights, resolve_local, save_torch_state
 from ..model.layouts import StateDict

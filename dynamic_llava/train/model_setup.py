@@ -15,7 +15,8 @@ from transformers import CLIPImageProcessor, PreTrainedTokenizerBase
 
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from ..errors import MissingExtra, UserError
-from ..model.convert import is_predictor_key, read_json, read_state_file, resolve_local, resolve_vision_tower
+from ..model.checkpoint_files import read_json, read_state_file, resolve_local, resolve_vision_tower
+from ..model.layouts import is_predictor_key
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.loading import load_base_llm, load_pretrained_model
 from .arguments import ModelArguments, SparseArguments, TrainingArguments

@@ -20,12 +20,13 @@ import torch
 import transformers
 
 from ..errors import UserError, require_extra
+from ..model.checkpoint_files import save_torch_state, write_llava_config
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.sparsity_training import SparsityTraining
 from .arguments import ModelArguments, SparseArguments, TrainingArguments
 from .dataset import DataArguments, check_data_args, make_supervised_data_module
 from .model_setup import add_lora, build_model, check_model_args, set_trainable
-from .trainer import DynamicLlavaTrainer, GumbelTemperature, write_config
+from .trainer import DynamicLlavaTrainer, GumbelTemperature
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments, SparseArguments]:
@@ -133,8 +134,8 @@ def _save_projector(trainer: DynamicLlavaTrainer, model: DynamicLlavaForCausalLM
     state = _gathered({k: p for k, p in model.named_parameters() if k.startswith("model.mm_projector.")})
     if trainer.args.should_save:
         out.mkdir(parents=True, exist_ok=True)
-        write_config(model, out, sparse=False)
-        torch.save(state, out / "mm_projector.bin")
+        write_llava_config(out, model.config, sparse=False, dtype=model.lm_head.weight.dtype)
+        save_torch_state(state, out / "mm_projector.bin")
 
 
 def _save_lora(trainer: DynamicLlavaTrainer, model: DynamicLlavaForCausalLM, out: Path, sparse: bool) -> None:
@@ -144,8 +145,8 @@ def _save_lora(trainer: DynamicLlavaTrainer, model: DynamicLlavaForCausalLM, out
                           if p.requires_grad and "lora_" not in k})
     trainer.save_model(str(out))
     if trainer.args.should_save:
-        write_config(model, out, sparse)
-        torch.save(non_lora, out / "non_lora_trainables.bin")
+        write_llava_config(out, model.config, sparse, model.lm_head.weight.dtype)
+        save_torch_state(non_lora, out / "non_lora_trainables.bin")
 
 
 def main(argv: Sequence[str] | None = None, sparse: bool = False) -> int:

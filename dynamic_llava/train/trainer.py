@@ -18,7 +18,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from ..model.convert import CLIPImageProcessor, is_predictor_key, save_clip_tower, save_state_dict, save_tokenizer
+from ..model.checkpoint_files import CheckpointParts, CLIPImageProcessor, write_llava_checkpoint
+from ..model.layouts import is_predictor_key
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.sparsity_training import gumbel_tau
 from .sampler import ModalityLengthGroupedSampler, StepSortedSampler
@@ -60,7 +61,7 @@ class DynamicLlavaTrainer(Trainer):
                  image_processor: CLIPImageProcessor | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.core_model = core_model  # the model under any peft / DDP / DeepSpeed wrapper
-        self.image_processor = image_processor  # written with the tower when the tower is trained
+        self.image_processor = image_processor  # written with the tower when it travels in the checkpoint
         self.modality_lengths = lengths
         self._step_samples: torch.Tensor | None = None  # samples of the current optimiser step (get_batch_samples)
         self._stat_sums: dict[str, float] = defaultdict(float)
@@ -160,41 +161,30 @@ class DynamicLlavaTrainer(Trainer):
 
     # ----------------------------------------------------------------- saving
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Full models are written in the LLaVA layout (config.json from `to_llava_dict`, safetensors
-        without the vision tower, tokenizer); peft models go through the Trainer (adapter files)."""
+        """Full models are written in the LLaVA layout (`write_llava_checkpoint`: no vision-tower weights
+        beside the LLM's, tokenizer); peft models go through the Trainer (adapter files)."""
         if self.core_model is not self.accelerator.unwrap_model(self.model):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
         out = Path(output_dir or self.args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = state_dict if state_dict is not None else self.core_model.state_dict()
-        tower = self.core_model.model.vision_tower
-        if tower is not None and any(p.requires_grad for p in tower.parameters()):
-            # a trained tower travels inside the checkpoint, referenced relatively
+        model = self.core_model
+        state = state_dict if state_dict is not None else model.state_dict()
+        sparse = model.sparsity_training is not None
+        parts = CheckpointParts(model.config, {}, self.processing_class, None, {}, self.image_processor,
+                                has_sparse_config=sparse)
+        tower = model.model.vision_tower
+        if tower is not None:
+            if any(p.requires_grad for p in tower.parameters()):
+                model.config.mm_vision_tower = "vision_tower"  # a trained tower travels inside the checkpoint
             prefix = _VISION_TOWER + "vision_tower."
-            save_clip_tower(tower.vision_tower.config, {k[len(prefix):]: v for k, v in state.items()
-                                                        if k.startswith(prefix)},
-                            self.image_processor, out / "vision_tower")
-            self.core_model.config.mm_vision_tower = "vision_tower"
-        state = {k: v.contiguous() for k, v in state.items() if not k.startswith(_VISION_TOWER)}
-        sparse = self.core_model.sparsity_training is not None
+            parts.tower_config = tower.vision_tower.config
+            parts.tower_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        parts.state = {k: v.contiguous() for k, v in state.items() if not k.startswith(_VISION_TOWER)}
         if not sparse:  # a dense LLaVA: no predictor weights, no sparse_config
-            state = {k: v for k, v in state.items() if not is_predictor_key(k)}
-        write_config(self.core_model, out, sparse)
-        save_state_dict(state, out)
-        if self.processing_class is not None:
-            save_tokenizer(self.processing_class, out)
+            parts.state = {k: v for k, v in parts.state.items() if not is_predictor_key(k)}
+        write_llava_checkpoint(parts, out, dtype=model.lm_head.weight.dtype)
         torch.save(self.args, os.path.join(out, "training_args.bin"))
-
-
-def write_config(model: DynamicLlavaForCausalLM, out: Path, sparse: bool) -> None:
-    """config.json in the original LLaVA layout (with `sparse_config` only for Dynamic-LLaVA)."""
-    config = model.config.to_llava_dict()
-    if not sparse:
-        config.pop("sparse_config")
-    config["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _strip_wrappers(name: str) -> str:
