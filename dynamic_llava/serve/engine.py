@@ -20,11 +20,11 @@ from typing import Any, AsyncIterator, Sequence
 import torch
 from PIL import Image
 
-from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from ..generation import GenerationConfig, GenerationResult, expanded_length, stream_generate
 from ..mm_utils import count_image_placeholders, process_images, tokenizer_image_token
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.policy import TokenPolicy, make_policy
+from ..prompting import wrap_image_tokens
 from .protocol import ErrorCode, ServeError
 
 logger = logging.getLogger(__name__)
@@ -161,9 +161,7 @@ class Engine:
         n = count_image_placeholders(prompt)
         if n != len(images):
             raise _bad(f"the prompt has {n} <image> placeholder(s) but {len(images)} image(s) were sent")
-        text = prompt
-        if self.model.config.mm_use_im_start_end:
-            text = prompt.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
+        text = wrap_image_tokens(prompt, self.model.config.mm_use_im_start_end)
         input_ids = tokenizer_image_token(text, self.tokenizer, return_tensors="pt")
         prompt_tokens = expanded_length(self.model, input_ids)
         room = self.context_length - prompt_tokens

@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from ..conversation import get_conv_template, stop_string
 from ..errors import UserError, run_command
 from ..mm_utils import count_image_placeholders
-from ..prompting import image_query, infer_conv_mode
+from ..prompting import ASSISTANT, USER, Turn, image_query, infer_conv_mode, render_conversation
 from .engine import Engine, Job, RequestSparsity, Sampling
 from .images import ImageLimits, decode_base64_image, fetch_image
 from .options import add_model_arguments, image_limits, load_engine
@@ -108,8 +108,8 @@ async def build_prompt(messages: Any, settings: ApiSettings, client: httpx.Async
     """(prompt, images, the template's stop string) for OpenAI chat messages."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list")
-    conv = get_conv_template(settings.conv_mode)
-    turns: list[list[Any]] = []  # [role, text]; consecutive messages of one role are joined
+    system: str | None = None  # the template's unless a system message replaces it
+    turns: list[Turn] = []  # consecutive messages of one role are joined
     images: list[Image.Image] = []
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
@@ -119,7 +119,7 @@ async def build_prompt(messages: Any, settings: ApiSettings, client: httpx.Async
         if role == "system":
             if message_images:
                 raise _bad("system messages cannot hold images")
-            conv.system = text
+            system = text
             continue
         if message_images and role != "user":
             raise _bad("only user messages can hold images")
@@ -129,16 +129,14 @@ async def build_prompt(messages: Any, settings: ApiSettings, client: httpx.Async
                 raise _bad(f"a message has {placeholders} <image> placeholder(s) but {len(message_images)} image(s)")
             text = image_query(text, len(message_images), mm_use_im_start_end=False)  # the engine adds start/end
         images += message_images
-        speaker = conv.roles[0] if role == "user" else conv.roles[1]
+        speaker = USER if role == "user" else ASSISTANT
         if turns and turns[-1][0] == speaker:
-            turns[-1][1] += "\n" + text
+            turns[-1] = (speaker, f"{turns[-1][1]}\n{text}")
         else:
-            turns.append([speaker, text])
-    if not turns or turns[0][0] != conv.roles[0] or turns[-1][0] != conv.roles[0]:
+            turns.append((speaker, text))
+    if not turns or turns[0][0] != USER or turns[-1][0] != USER:
         raise _bad("the conversation must start and end with a user message")
-    for speaker, text in turns:
-        conv.append_message(speaker, text)
-    conv.append_message(conv.roles[1], None)
+    conv = render_conversation(settings.conv_mode, [*turns, (ASSISTANT, None)], system)
     return conv.get_prompt(), images, stop_string(conv)
 
 

@@ -1,6 +1,6 @@
 """One LLaVA conversation -> `input_ids` and `labels` for supervised training, as LLaVA-1.5 makes them.
 
-The prompt string is rendered by the inference templates (`conversation.py`, byte for byte LLaVA's) and
+The prompt string is rendered as inference renders it (`prompting.render_conversation`, LLaVA's bytes) and
 tokenised by `tokenizer_image_token` (LLaVA's ids, see `mm_utils.SlowLlamaEncoder`), so training sees
 exactly the ids inference builds. Labels follow LLaVA's `preprocess` functions (llava/train/train.py),
 which count tokens instead of locating characters: the conversation is cut into rounds at the template's
@@ -27,21 +27,14 @@ from typing import Any
 
 import torch
 
-from dynamic_llava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
-)
+from dynamic_llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.conversation import Conversation, SeparatorStyle, get_conv_template
 from dynamic_llava.errors import UserError
 from dynamic_llava.mm_utils import tokenizer_image_token
+from dynamic_llava.prompting import ASSISTANT, USER, Turn, image_token, render_conversation
 
-HUMAN, ASSISTANT = 0, 1
-_ROLES = {"human": HUMAN, "gpt": ASSISTANT}
+_ROLES = {"human": USER, "gpt": ASSISTANT}
 
-Turn = tuple[int, str]  # (HUMAN | ASSISTANT, text)
 Span = tuple[int, int]  # [start, end) character offsets in the prompt
 
 
@@ -90,9 +83,7 @@ def _place_images(turns: list[Turn], num_images: int, mm_use_im_start_end: bool,
     elif sum(counts) != num_images:
         raise UserError(f"sample {sample_id}: {sum(counts)} {DEFAULT_IMAGE_TOKEN} placeholder(s) "
                         f"for {num_images} image(s)")
-    token = DEFAULT_IMAGE_TOKEN
-    if mm_use_im_start_end:
-        token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+    token = image_token(mm_use_im_start_end)
     placed = []
     for (role, text), count in zip(turns, counts):
         if count:
@@ -118,16 +109,11 @@ def render(turns: Sequence[Turn], conv_version: str, num_images: int, sample_id:
         prefix = DEFAULT_IMAGE_TOKEN * num_images
         prompt = prefix + turns[1][1] + conv.sep
         return prompt, [(len(prefix), len(prompt))]
-    renderings: list[tuple[str, str]] = []  # (reply open, reply closed) per assistant turn
-    for role, text in turns:
-        if role == ASSISTANT:
-            opened = conv.copy()
-            opened.append_message(conv.roles[ASSISTANT], None)
-            conv.append_message(conv.roles[ASSISTANT], text)
-            renderings.append((opened.get_prompt(), conv.get_prompt()))
-        else:
-            conv.append_message(conv.roles[HUMAN], text)
-    prompt = conv.get_prompt()
+    # (reply open, reply closed) per assistant turn
+    renderings = [(render_conversation(conv_version, [*turns[:i], (ASSISTANT, None)]).get_prompt(),
+                   render_conversation(conv_version, turns[:i + 1]).get_prompt())
+                  for i, (role, _) in enumerate(turns) if role == ASSISTANT]
+    prompt = render_conversation(conv_version, turns).get_prompt()
     # The spans are only right if every template renders a conversation turn by turn, appending.
     if not all(closed.startswith(opened) and prompt.startswith(closed) for opened, closed in renderings):
         raise RuntimeError(f"template {conv_version!r} does not render conversations by appending turns")
