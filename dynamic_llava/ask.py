@@ -12,15 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from .cpu_features import add_dtype_argument
 from .errors import UserError
 from .generation import GenerationConfig, GenerationResult, stream_generate
 from .mm_utils import get_model_name_from_path, load_images
 from .model.policy import DensePolicy, DynamicLlavaPolicy, make_policy
+from .model_options import add_device_arguments, load_model
 from .prompting import infer_conv_mode, prepare_request
-from .sparsity_options import add_sparsity_arguments, sparsity_overrides
+from .sparsity_options import add_sparsity_arguments
 from .visualize import kept_patches_overlay
 
 
@@ -38,8 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     add_sparsity_arguments(parser)
     parser.add_argument("--no-cache", action="store_true", help="decode without KV cache (recompute each step)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_dtype_argument(parser)
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object with the answer and stats")
     parser.add_argument("--save-mask", default=None, help="PNG showing the kept image patches (dropped: grey)")
@@ -56,8 +53,6 @@ def bundled_model_path() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model.loading import load_pretrained_model  # heavy import, after argument checks
-
     if args.num_beams != 1:
         raise UserError("beam search is not supported: use --num-beams 1")
     sources = [s for s in args.image_file.split(args.sep) if s] if args.image_file else []
@@ -68,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.save_mask).resolve().parent.is_dir():
             raise UserError(f"folder for --save-mask does not exist: {Path(args.save_mask).parent}")
     model_path = args.model_path or bundled_model_path()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_path, args.model_base, device=device, dtype=args.dtype,
-        **sparsity_overrides(args))
+    tokenizer, model, image_processor = load_model(args, model_path)
     conv_mode = args.conv_mode or infer_conv_mode(get_model_name_from_path(model_path))
     request = prepare_request(args.query, images, tokenizer, image_processor, model.config, conv_mode)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -79,14 +71,10 @@ def run(args: argparse.Namespace) -> int:
     pixels = [request.pixel_values] if request.pixel_values is not None else [None]
     policy = make_policy(model)  # the sparsity flags, as the model was loaded with them
     stream = stream_generate(model, tokenizer, [request.input_ids], pixels, config, policy)
-    while True:
-        try:
-            delta = next(stream)[0]
-        except StopIteration as done:
-            result: GenerationResult = done.value[0]
-            break
-        if not args.json and delta:
-            print(delta, end="", flush=True)
+    for deltas in stream:
+        if not args.json and deltas[0]:
+            print(deltas[0], end="", flush=True)
+    result = stream.results[0]
     if not args.json:
         print(flush=True)  # end the streamed answer's line before the mask note on stderr
     if args.save_mask:

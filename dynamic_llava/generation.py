@@ -19,7 +19,7 @@ from .constants import IMAGE_TOKEN_INDEX
 from .errors import UserError
 from .model.batch import IMAGE, OUTPUT, TokenBatch
 from .model.cache import SparseKVCache
-from .model.llava import DynamicLlavaForCausalLM
+from .model.llava import DynamicLlavaForCausalLM, StepOutput
 from .model.policy import TokenPolicy, make_policy
 
 
@@ -216,20 +216,41 @@ class _StopTracker:
         return delta
 
 
-def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
-                    images: Sequence[torch.Tensor | None] | None = None,
-                    config: GenerationConfig | Sequence[GenerationConfig] | None = None,
-                    policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None,
-                    *, session: Session | None = None,
-                    on_finish: Callable[[int, GenerationResult], None] | None = None,
-                    ) -> Iterator[list[str]]:
-    """Yields, after each decoding step, the new text of every sample ('' when nothing new).
+@dataclass
+class DecodeState:
+    """What decoding carries from one step to the next: made by `prefill`, advanced by `decode_step`."""
 
-    The generator's return value (StopIteration.value) is the list of GenerationResult. `config` is one
-    GenerationConfig for all samples or one per sample (`use_cache` and `seed` shared). `on_finish(i,
-    result)` is called as soon as sample i is complete, before the step's text is yielded. `session`
-    (one prompt: the turn's new tokens) continues a conversation in its KV cache.
-    """
+    model: DynamicLlavaForCausalLM
+    policy: TokenPolicy
+    configs: list[GenerationConfig]
+    generator: torch.Generator | None
+    trackers: list[_StopTracker]
+    results: list[GenerationResult]
+    batch: TokenBatch  # the whole sequences (decoding without the cache recomputes them each step)
+    cache: SparseKVCache
+    out: StepOutput  # the last forward: each running row's next-token logits
+    active: torch.Tensor  # running row -> sample index; finished samples leave the batch (and the cache)
+    positions: torch.Tensor  # each running row's position of its next token
+    decode_start: float
+    session: Session | None = None
+    on_finish: Callable[[int, GenerationResult], None] | None = None
+    tokens: torch.Tensor | None = None  # each row's last sampled token (fed to the model at the next step)
+    running: list[int] | None = None  # rows still running after the last step; None before the first
+    steps: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.running == []
+
+
+@torch.inference_mode()
+def prefill(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
+            images: Sequence[torch.Tensor | None] | None = None,
+            config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+            policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None,
+            *, session: Session | None = None,
+            on_finish: Callable[[int, GenerationResult], None] | None = None) -> DecodeState:
+    """Check the requests and run the prompts through the model (see `stream_generate` for the arguments)."""
     prompts = as_prompt_list(input_ids, attention_mask)
     b = len(prompts)
     configs = _per_sample_configs(config, b)
@@ -247,74 +268,131 @@ def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequen
                 for c in configs]
     results = [GenerationResult(context_tokens=offset) for _ in range(b)]
 
-    with torch.inference_mode():
-        start = time.perf_counter()
-        batch = model.embed(prompts, images)
-        if offset:
-            batch = dataclasses.replace(
-                batch, positions=torch.where(batch.valid, batch.positions + offset, batch.positions))
-        context = model.config.max_position_embeddings
-        for i, (n, c) in enumerate(zip(batch.lengths.tolist(), configs)):
-            if offset + n + c.max_new_tokens > context:
-                earlier = f" after {offset} tokens of conversation" if offset else ""
-                raise UserError(f"prompt {i} is {n} tokens (images expanded){earlier}; with max_new_tokens "
-                                f"{c.max_new_tokens} it exceeds the context length {context}")
-        cache = session.cache if session is not None and session.cache is not None else model.new_cache(b)
-        out = model.step(batch, cache, policy)
-        prefill_seconds = time.perf_counter() - start
-        _record_prefill(results, batch, out.keep, prefill_seconds)
+    start = time.perf_counter()
+    batch = model.embed(prompts, images)
+    if offset:
+        batch = dataclasses.replace(
+            batch, positions=torch.where(batch.valid, batch.positions + offset, batch.positions))
+    context = model.config.max_position_embeddings
+    for i, (n, c) in enumerate(zip(batch.lengths.tolist(), configs)):
+        if offset + n + c.max_new_tokens > context:
+            earlier = f" after {offset} tokens of conversation" if offset else ""
+            raise UserError(f"prompt {i} is {n} tokens (images expanded){earlier}; with max_new_tokens "
+                            f"{c.max_new_tokens} it exceeds the context length {context}")
+    cache = session.cache if session is not None and session.cache is not None else model.new_cache(b)
+    out = model.step(batch, cache, policy)
+    _record_prefill(results, batch, out.keep, time.perf_counter() - start)
+    return DecodeState(model, policy, configs, generator, trackers, results, batch, cache, out,
+                       active=torch.arange(b), positions=batch.lengths + offset, decode_start=time.perf_counter(),
+                       session=session, on_finish=on_finish)
 
-        # Rows of the running batch -> sample index; finished samples leave the batch (and the cache).
-        active = torch.arange(b)
-        positions = batch.lengths + offset
-        decode_start = time.perf_counter()
-        for step_index in range(max(c.max_new_tokens for c in configs)):
-            tokens = _sample_rows(out.logits, [configs[i] for i in active.tolist()], generator)
-            still_running = []
-            for row, (i, token) in enumerate(zip(active.tolist(), tokens.tolist())):
-                trackers[i].add(token)
-                results[i].output_tokens += 1
-                if trackers[i].finish_reason is None and step_index < configs[i].max_new_tokens - 1:
-                    still_running.append(row)
-                    continue
-                results[i].decode_seconds = time.perf_counter() - decode_start
-                if not use_cache:
-                    # The recomputed sequence re-decides every earlier output token (same predictor, same
-                    # inputs): its last step's view covers all fed tokens.
-                    fed = slice(results[i].prompt_tokens, results[i].prompt_tokens + results[i].output_tokens - 1)
-                    results[i].output_keep = out.keep[row, fed].tolist()
-                _record_cache(results[i], cache, row, model.config.num_hidden_layers)
-                trackers[i].done = True
-                results[i].text = trackers[i].text
-                results[i].token_ids = list(trackers[i].ids)
-                results[i].finish_reason = trackers[i].finish_reason or "length"
-                if on_finish is not None:
-                    on_finish(i, results[i])
-            yield [t.release() for t in trackers]
-            if not still_running:
-                break
-            if len(still_running) < len(active):
-                rows = torch.tensor(still_running, device=tokens.device)
-                active, tokens, positions = active[still_running], tokens[rows], positions[rows]
-                cache.select(rows)
-                if not use_cache:
-                    batch = batch.select(rows)
-            if use_cache:
-                out = model.step(model.embed_generated(tokens, positions), cache, policy)
-                decisions = out.keep[:, 0]
-            else:
-                batch = append_token(batch, model.model.embed_tokens(tokens[:, None]), positions)
-                cache = model.new_cache(len(active))
-                out = model.step(batch, cache, policy)
-                decisions = out.keep.gather(1, positions[:, None])[:, 0]
-            positions = positions + 1
-            for i, decision in zip(active.tolist(), decisions.tolist()):
-                results[i].output_keep.append(bool(decision))
 
-    if session is not None:
+@torch.inference_mode()
+def decode_step(state: DecodeState) -> list[str]:
+    """One token for every running sample; returns every sample's new text ('' when nothing new).
+
+    From the second step on, the tokens sampled by the previous step are fed to the model first.
+    `on_finish(i, result)` is called for each sample completed by this step.
+    """
+    if state.running is not None:
+        _feed(state)
+    configs, use_cache = state.configs, state.configs[0].use_cache
+    state.tokens = _sample_rows(state.out.logits, [configs[i] for i in state.active.tolist()], state.generator)
+    state.running = []
+    for row, (i, token) in enumerate(zip(state.active.tolist(), state.tokens.tolist())):
+        tracker, result = state.trackers[i], state.results[i]
+        tracker.add(token)
+        result.output_tokens += 1
+        if tracker.finish_reason is None and state.steps < configs[i].max_new_tokens - 1:
+            state.running.append(row)
+            continue
+        result.decode_seconds = time.perf_counter() - state.decode_start
+        if not use_cache:
+            # The recomputed sequence re-decides every earlier output token (same predictor, same
+            # inputs): its last step's view covers all fed tokens.
+            fed = slice(result.prompt_tokens, result.prompt_tokens + result.output_tokens - 1)
+            result.output_keep = state.out.keep[row, fed].tolist()
+        _record_cache(result, state.cache, row, state.model.config.num_hidden_layers)
+        tracker.done = True
+        result.text = tracker.text
+        result.token_ids = list(tracker.ids)
+        result.finish_reason = tracker.finish_reason or "length"
+        if state.on_finish is not None:
+            state.on_finish(i, result)
+    state.steps += 1
+    return [t.release() for t in state.trackers]
+
+
+def _feed(state: DecodeState) -> None:
+    """Drop the finished rows, then run the last sampled tokens through the model."""
+    model, use_cache = state.model, state.configs[0].use_cache
+    if len(state.running) < len(state.active):
+        rows = torch.tensor(state.running, device=state.tokens.device)
+        state.active = state.active[state.running]
+        state.tokens, state.positions = state.tokens[rows], state.positions[rows]
+        state.cache.select(rows)
+        if not use_cache:
+            state.batch = state.batch.select(rows)
+    if use_cache:
+        state.out = model.step(model.embed_generated(state.tokens, state.positions), state.cache, state.policy)
+        decisions = state.out.keep[:, 0]
+    else:
+        state.batch = append_token(state.batch, model.model.embed_tokens(state.tokens[:, None]), state.positions)
+        state.cache = model.new_cache(len(state.active))
+        state.out = model.step(state.batch, state.cache, state.policy)
+        decisions = state.out.keep.gather(1, state.positions[:, None])[:, 0]
+    state.positions = state.positions + 1
+    for i, decision in zip(state.active.tolist(), decisions.tolist()):
+        state.results[i].output_keep.append(bool(decision))
+
+
+def finish(state: DecodeState) -> list[GenerationResult]:
+    """The results, once every sample is done; a Session keeps the cache for the next turn."""
+    if not state.done:
+        raise RuntimeError("finish() before the last decode_step")
+    if state.session is not None:
         # the last sampled token never entered the cache: the next turn starts at its position
-        session.cache, session.next_position, session.last_token = cache, int(positions[0]), int(tokens[0])
-    return results
+        state.session.cache, state.session.next_position = state.cache, int(state.positions[0])
+        state.session.last_token = int(state.tokens[0])
+    return state.results
+
+
+class GenerationStream:
+    """Iterating runs the generation: prefill, then after each decoding step every sample's new text
+    ('' when nothing new); once the iteration has ended, `results` holds the GenerationResults."""
+
+    def __init__(self, start: Callable[[], DecodeState]) -> None:
+        self._start = start
+        self._results: list[GenerationResult] | None = None
+
+    def __iter__(self) -> Iterator[list[str]]:
+        state = self._start()
+        while not state.done:
+            yield decode_step(state)
+        self._results = finish(state)
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        if self._results is None:
+            raise RuntimeError("the stream has not been iterated to its end")
+        return self._results
+
+
+def stream_generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
+                    images: Sequence[torch.Tensor | None] | None = None,
+                    config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+                    policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None,
+                    *, session: Session | None = None,
+                    on_finish: Callable[[int, GenerationResult], None] | None = None,
+                    ) -> GenerationStream:
+    """The generation as a stream of text (nothing runs until it is iterated); `.results` at its end.
+
+    `config` is one GenerationConfig for all samples or one per sample (`use_cache` and `seed` shared).
+    `on_finish(i, result)` is called as soon as sample i is complete, before the step's text is yielded.
+    `session` (one prompt: the turn's new tokens) continues a conversation in its KV cache.
+    """
+    return GenerationStream(lambda: prefill(model, tokenizer, input_ids, images, config, policy, attention_mask,
+                                            session=session, on_finish=on_finish))
 
 
 def generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequence[int]] | torch.Tensor,
@@ -323,12 +401,10 @@ def generate(model: DynamicLlavaForCausalLM, tokenizer, input_ids: Sequence[Sequ
              policy: TokenPolicy | None = None, attention_mask: torch.Tensor | None = None,
              *, session: Session | None = None) -> list[GenerationResult]:
     """Generate for a batch of prompts; each sample's output equals what it gives alone (greedy)."""
-    stream = stream_generate(model, tokenizer, input_ids, images, config, policy, attention_mask, session=session)
-    while True:
-        try:
-            next(stream)
-        except StopIteration as done:
-            return done.value
+    state = prefill(model, tokenizer, input_ids, images, config, policy, attention_mask, session=session)
+    while not state.done:
+        decode_step(state)
+    return finish(state)
 
 
 def _record_prefill(results: list[GenerationResult], batch: TokenBatch, keep: torch.Tensor, seconds: float) -> None:

@@ -127,6 +127,8 @@ def test_every_model_loading_command_defaults_to_auto(command: str) -> None:
     dtype = next(a for a in PARSERS[command]()._actions if a.dest == "dtype")
     assert dtype.default == "auto"
     assert list(dtype.choices) == ["auto", "float32", "bfloat16", "float16"]
+    device = next(a for a in PARSERS[command]()._actions if a.dest == "device")
+    assert (device.default, device.help) == (None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])

@@ -10,7 +10,16 @@ import torch
 from PIL import Image
 
 from dynamic_llava.errors import UserError
-from dynamic_llava.generation import GenerationConfig, Session, expanded_length, generate, stream_generate
+from dynamic_llava.generation import (
+    GenerationConfig,
+    Session,
+    decode_step,
+    expanded_length,
+    finish,
+    generate,
+    prefill,
+    stream_generate,
+)
 from dynamic_llava.model.batch import OUTPUT
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.model.policy import SparsityOptions, make_policy
@@ -80,18 +89,34 @@ def test_on_finish_reports_each_sample_once_before_its_last_text(loaded, request
     events: list[tuple[str, int]] = []
     stream = stream_generate(model, tokenizer, prompts, images, configs,
                              on_finish=lambda i, result: events.append(("finish", i, result)))
-    while True:
-        try:
-            next(stream)
-        except StopIteration as done:
-            results = done.value
-            break
+    for _ in stream:
         events.append(("step", -1, None))
+    results = stream.results
     finished = [(i, r) for kind, i, r in events if kind == "finish"]
     assert [i for i, _ in finished] == [0, 2, 1]
     assert all(r is results[i] and r.output_tokens == configs[i].max_new_tokens for i, r in finished)
     steps_before = [sum(1 for e in events[:events.index(("finish", i, r))] if e[0] == "step") for i, r in finished]
     assert steps_before == [2, 4, 7]  # during the step producing the last token, before its text is yielded
+
+
+def test_stream_results_come_after_its_last_step_and_equal_generate(loaded, request_batch) -> None:
+    tokenizer, model, _ = loaded
+    prompts, images = request_batch
+    configs = [GenerationConfig(max_new_tokens=n, eos_token_id=-1) for n in (2, 4, 3)]
+    stream = stream_generate(model, tokenizer, prompts, images, configs)
+    with pytest.raises(RuntimeError, match="iterated to its end"):
+        stream.results
+    steps = iter(stream)
+    next(steps)
+    with pytest.raises(RuntimeError, match="iterated to its end"):
+        stream.results
+    assert len(list(steps)) == 3
+    expected = generate(model, tokenizer, prompts, images, configs)
+    assert [(r.token_ids, r.output_keep) for r in stream.results] == [(r.token_ids, r.output_keep) for r in expected]
+    state = prefill(model, tokenizer, prompts, images, configs)
+    decode_step(state)
+    with pytest.raises(RuntimeError, match="before the last decode_step"):
+        finish(state)
 
 
 def _turn2_ids(tokenizer, text: str) -> list[int]:
@@ -205,13 +230,9 @@ def test_streamed_text_adds_up_to_the_result_for_every_finish(loaded, request_ba
     configs = [GenerationConfig(max_new_tokens=n, eos_token_id=-1) for n in (5, 9, 12)]
     stream = stream_generate(model, tokenizer, prompts, images, configs)
     texts = ["", "", ""]
-    while True:
-        try:
-            for i, delta in enumerate(next(stream)):
-                texts[i] += delta
-        except StopIteration as done:
-            results = done.value
-            break
+    for deltas in stream:
+        texts = [text + delta for text, delta in zip(texts, deltas)]
+    results = stream.results
     tokens = [tokenizer.convert_ids_to_tokens(t) for r in results for t in r.token_ids]
     assert any(t.startswith("<0x") for t in tokens), "the case of byte tokens should be exercised"
     assert texts == [r.text for r in results]

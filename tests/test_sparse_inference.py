@@ -182,13 +182,8 @@ def test_stop_string_eos_and_streaming(model, tokenizer, mixed_batch) -> None:
     assert stop
     config = GenerationConfig(max_new_tokens=12, stop_strings=[stop], eos_token_id=-1)
     stream = stream_generate(model, tokenizer, prompts[:1], images[:1], config)
-    pieces = []
-    while True:
-        try:
-            pieces.append(next(stream)[0])
-        except StopIteration as done:
-            stopped = done.value[0]
-            break
+    pieces = [deltas[0] for deltas in stream]
+    stopped = stream.results[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.find(stop)]
     assert "".join(pieces) == stopped.text

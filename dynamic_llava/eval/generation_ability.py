@@ -21,13 +21,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..cpu_features import add_dtype_argument
 from ..errors import UserError, run_command
 from ..generation import GenerationConfig, generate
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.policy import SparsityOptions, TokenPolicy, make_policy
+from ..model_options import add_device_arguments, load_model
 from ..prompting import prepare_request
-from ..sparsity_options import sparsity_overrides
 from .io import read_jsonl, require_keys, write_json_atomic
 
 
@@ -130,8 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv-mode", default="llava_v1")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
     add_sparsity_arguments(parser, no_sparse_help="only the dense run")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_dtype_argument(parser)
+    add_device_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
 
 
@@ -197,16 +195,11 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.loading import load_pretrained_model  # heavy import, after input checks
-
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     samples = read_samples(args.question_file, args.image_folder, args.limit)
     meteor, meteor_note = load_meteor()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=device, dtype=args.dtype,
-        **sparsity_overrides(args))
+    tokenizer, model, image_processor = load_model(args)
     modes = ["dense"] if args.no_sparse else ["sparse", "dense"]
     per_mode: dict[str, list[dict]] = {}
     for mode in modes:

@@ -15,16 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-import torch
 from tqdm import tqdm
 
-from ..cpu_features import add_dtype_argument
 from ..errors import UserError, run_command
 from ..generation import GenerationConfig, GenerationResult, generate
 from ..mm_utils import get_model_name_from_path
 from ..model.policy import make_policy
+from ..model_options import add_device_arguments, load_model
 from ..prompting import prepare_request
-from ..sparsity_options import sparsity_overrides
 
 T = TypeVar("T")
 
@@ -63,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
                         default=max_new_tokens)
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1)
     add_sparsity_arguments(parser)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_dtype_argument(parser)
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
 
 
@@ -135,8 +132,6 @@ def answered_keys(path: Path) -> set[tuple[Any, Any]]:
 
 def run(args: argparse.Namespace, read_questions: Callable[[argparse.Namespace], list[Question]]) -> int:
     """Answer the questions of this chunk not yet in the answers file."""
-    from ..model.loading import load_pretrained_model  # heavy import, after input checks
-
     if args.num_beams != 1:
         raise UserError("beam search is not supported: use --num-beams 1")
     if args.batch_size < 1:
@@ -156,10 +151,7 @@ def run(args: argparse.Namespace, read_questions: Callable[[argparse.Namespace],
     if not todo:
         return 0
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=device, dtype=args.dtype,
-        **sparsity_overrides(args))
+    tokenizer, model, image_processor = load_model(args)
     model_id = get_model_name_from_path(args.model_path)
     with answers_file.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="questions") as progress:
         for start in range(0, len(todo), args.batch_size):

@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 
 from ..conversation import Conversation, get_conv_template, stop_string
-from ..cpu_features import add_dtype_argument
 from ..errors import UserError, run_command
 from ..generation import GenerationConfig, GenerationResult, Session, expanded_length, stream_generate
-from ..mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
-from ..prompting import image_query, infer_conv_mode
-from ..sparsity_options import add_sparsity_arguments, sparsity_overrides
+from ..mm_utils import get_model_name_from_path, load_image, tokenizer_image_token
+from ..model_options import add_device_arguments, load_model
+from ..prompting import ASSISTANT, USER, Turn, encode_prompt, image_query, infer_conv_mode, render_conversation
+from ..sparsity_options import add_sparsity_arguments
 
 
 class Chat:
@@ -33,7 +33,8 @@ class Chat:
     def __init__(self, model, tokenizer, image_processor, conv_mode: str, image: Image.Image | None,
                  config: GenerationConfig) -> None:
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
-        self.conv: Conversation = get_conv_template(conv_mode)
+        self.conv_mode = conv_mode
+        self.turns: list[Turn] = []  # the conversation so far, answers as recorded (stripped)
         self.image = image
         self.config = dataclasses.replace(config, stop_strings=[*config.stop_strings, stop_string(self.conv)])
         self.session = Session()
@@ -42,23 +43,23 @@ class Chat:
         self._finish = ""
 
     @property
+    def conv(self) -> Conversation:
+        return render_conversation(self.conv_mode, self.turns)
+
+    @property
     def roles(self) -> tuple[str, str]:
         return self.conv.roles
 
-    def next_input(self, text: str) -> tuple[Conversation, torch.Tensor, torch.Tensor | None]:
-        """The conversation with `text` asked, and the token ids (and pixels) the turn prefills."""
-        conv = self.conv.copy()
-        first = not conv.messages
+    def next_input(self, text: str) -> tuple[list[Turn], torch.Tensor, torch.Tensor | None]:
+        """The conversation's turns with `text` asked, and the token ids (and pixels) the turn prefills."""
+        first = not self.turns
         if first and self.image is not None:
             text = image_query(text, 1, self.model.config.mm_use_im_start_end)
-        conv.append_message(conv.roles[0], text)
-        conv.append_message(conv.roles[1], None)
-        prompt = conv.get_prompt()
+        turns = [*self.turns, (USER, text), (ASSISTANT, None)]
+        prompt = render_conversation(self.conv_mode, turns).get_prompt()
         if first:
-            pixels = None
-            if self.image is not None:
-                pixels = process_images([self.image], self.image_processor, self.model.config.image_aspect_ratio)
-            return conv, tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"), pixels
+            images = [self.image] if self.image is not None else []
+            return turns, *encode_prompt(prompt, images, self.tokenizer, self.image_processor, self.model.config)
         # What follows the cached answer: e.g. "</s>USER: <text> ASSISTANT:" for the v1 templates.
         rest = prompt[len(self._prompt):]
         new_text = rest[rest.find(self._answer) + len(self._answer):]
@@ -67,27 +68,23 @@ class Chat:
             ids = ids[1:]
         if self._finish == "length":  # the last sampled token is part of the answer but not yet in the cache
             ids = [self.session.last_token, *ids]
-        return conv, torch.tensor(ids, dtype=torch.long), None
+        return turns, torch.tensor(ids, dtype=torch.long), None
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda _: None) -> GenerationResult:
         """Answer `text`, passing the answer's text to `on_text` as it is generated."""
-        conv, ids, pixels = self.next_input(text)
+        turns, ids, pixels = self.next_input(text)
         room = self.model.config.max_position_embeddings - self.session.next_position - expanded_length(self.model, ids)
         if room < 1:
             raise UserError("the conversation has reached the model's context length; start a new chat")
         config = dataclasses.replace(self.config, max_new_tokens=min(self.config.max_new_tokens, room))
         stream = stream_generate(self.model, self.tokenizer, [ids], [pixels], config, session=self.session)
-        while True:
-            try:
-                on_text(next(stream)[0])
-            except StopIteration as done:
-                result: GenerationResult = done.value[0]
-                break
-        self._prompt = conv.get_prompt()
+        for deltas in stream:
+            on_text(deltas[0])
+        result = stream.results[0]
+        self._prompt = render_conversation(self.conv_mode, turns).get_prompt()
         self._answer = result.text.strip()
         self._finish = result.finish_reason
-        conv.messages[-1][1] = self._answer
-        self.conv = conv
+        self.turns = [*turns[:-1], (ASSISTANT, self._answer)]
         return result
 
 
@@ -107,22 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conv-mode", default=None, help="template (default: inferred from the model name)")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_dtype_argument(parser)
+    add_device_arguments(parser)
     add_sparsity_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.loading import load_pretrained_model  # heavy import, after the flags are checked
-
     GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature).validate()
     conv_mode = args.conv_mode or infer_conv_mode(get_model_name_from_path(args.model_path))
     get_conv_template(conv_mode)
     image = load_image(args.image_file) if args.image_file else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=device, dtype=args.dtype, **sparsity_overrides(args))
+    tokenizer, model, image_processor = load_model(args)
     chat = Chat(model, tokenizer, image_processor, conv_mode, image,
                 GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature))
     user, assistant = chat.roles

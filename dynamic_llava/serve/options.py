@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from ..cpu_features import add_dtype_argument
 from ..errors import UserError
 from ..mm_utils import get_model_name_from_path
-from ..sparsity_options import add_sparsity_arguments, sparsity_overrides
+from ..model_options import add_device_arguments, load_model
+from ..sparsity_options import add_sparsity_arguments
 from .engine import Engine
 from .images import ImageLimits
 
@@ -18,8 +16,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", required=True, help="checkpoint folder (LLaVA, llava-hf or Dynamic-LLaVA)")
     parser.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
     parser.add_argument("--model-name", default=None, help="name clients ask for (default: from --model-path)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_dtype_argument(parser)
+    add_device_arguments(parser)
     add_sparsity_arguments(parser, no_sparse_help="serve dense LLaVA-1.5 (requests' sparse: true then changes nothing)")
     limits = parser.add_argument_group("batching and limits")
     limits.add_argument("--max-batch-size", type=int, default=8, help="requests generated together in one batch")
@@ -42,16 +39,12 @@ def image_limits(args: argparse.Namespace) -> ImageLimits:
 
 def load_engine(args: argparse.Namespace) -> Engine:
     """Load the checkpoint and start its engine (flag errors are UserErrors, raised before loading)."""
-    from ..model.loading import load_pretrained_model  # heavy import, after the flags are checked
-
     engine_limits = dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                          max_new_tokens_limit=args.max_new_tokens_limit, concurrency=args.limit_model_concurrency)
     if min(engine_limits.values()) < 1:
         raise UserError("--max-batch-size, --max-queue, --max-new-tokens-limit and --limit-model-concurrency "
                         "must be >= 1")
     image_limits(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=device, dtype=args.dtype, **sparsity_overrides(args))
+    tokenizer, model, image_processor = load_model(args)
     name = args.model_name or get_model_name_from_path(args.model_path)
     return Engine(model, tokenizer, image_processor, name, **engine_limits)
