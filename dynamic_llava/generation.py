@@ -359,14 +359,18 @@ def finish(state: DecodeState) -> list[GenerationResult]:
 
 class GenerationStream:
     """Iterating runs the generation: prefill, then after each decoding step every sample's new text
-    ('' when nothing new); once the iteration has ended, `results` holds the GenerationResults."""
+    ('' when nothing new); once the iteration has ended, `results` holds the GenerationResults. It runs once
+    (as the generator it replaces: a second run would, e.g., advance a Session twice)."""
 
     def __init__(self, start: Callable[[], DecodeState]) -> None:
-        self._start = start
+        self._start: Callable[[], DecodeState] | None = start
         self._results: list[GenerationResult] | None = None
 
     def __iter__(self) -> Iterator[list[str]]:
-        state = self._start()
+        if self._start is None:
+            raise RuntimeError("a generation stream can be iterated only once")
+        start, self._start = self._start, None
+        state = start()
         while not state.done:
             yield decode_step(state)
         self._results = finish(state)

@@ -113,6 +113,8 @@ def test_stream_results_come_after_its_last_step_and_equal_generate(loaded, requ
     assert len(list(steps)) == 3
     expected = generate(model, tokenizer, prompts, images, configs)
     assert [(r.token_ids, r.output_keep) for r in stream.results] == [(r.token_ids, r.output_keep) for r in expected]
+    with pytest.raises(RuntimeError, match="only once"):
+        next(iter(stream))
     state = prefill(model, tokenizer, prompts, images, configs)
     decode_step(state)
     with pytest.raises(RuntimeError, match="before the last decode_step"):
