@@ -14,6 +14,7 @@ from dynamic_llava.errors import UserError
 from dynamic_llava.generation import GenerationConfig, generate
 from dynamic_llava.model.convert import convert_checkpoint
 from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.model.policy import DensePolicy, SparsityOptions, make_policy
 
 N = 576
 
@@ -90,3 +91,19 @@ def test_output_rules(tiny_llava_dir: Path) -> None:
 def test_unknown_rule_is_one_clear_error(tiny_llava_dir: Path) -> None:
     with pytest.raises(UserError, match="vision_policy"):
         load_pretrained_model(tiny_llava_dir, vision_policy="h3o")
+
+
+def test_policies_come_from_options_and_leave_the_checkpoint_config_alone(tiny_llava_dir: Path) -> None:
+    """Load options are the default a policy is built from; other options make other policies of the same
+    model side by side (as the server's per-request ones); neither rewrites config.sparse_config."""
+    _, model, _, _ = load_pretrained_model(tiny_llava_dir, vision_keep_rate=0.5, sparse_layer=1)
+    saved = dict(model.config.sparse_config)
+    loaded = make_policy(model)
+    other = make_policy(model, SparsityOptions(vision_policy="random", vision_keep_rate=0.25))
+    dense = make_policy(model, SparsityOptions(sparse=False))
+    assert (loaded.vision_rule, loaded.vision_keep_rate, loaded.sparse_layer) == ("predictor", 0.5, 1)
+    assert (other.vision_rule, other.vision_keep_rate, other.sparse_layer) == ("random", 0.25, saved["sparse_layer"])
+    assert isinstance(dense, DensePolicy) and dense.sparse_layer == saved["sparse_layer"] != 1
+    assert loaded.eviction is other.eviction is dense.eviction is None
+    assert make_policy(model, SparsityOptions(output_policy="h2o")).eviction is not None
+    assert model.config.sparse_config == saved and saved["vision_keep_rate"] not in (0.5, 0.25)
