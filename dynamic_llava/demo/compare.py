@@ -283,7 +283,7 @@ def run_short_answers(checkpoints: dict[str, Path], data: Path, split: str, scen
                 print(f"\n--- {method.name}: python -m dynamic_llava.eval.model_vqa_loader --model-path "
                       f"{path} --question-file {question_file} --image-folder {data / 'images'} "
                       f"--answers-file A.jsonl --conv-mode llava_v1 --batch-size {batch_size} --max-new-tokens 8 "
-                      f"--device cpu {shlex.join(method.flags)}", flush=True)
+                      f"--device cpu --dtype float32 {shlex.join(method.flags)}", flush=True)
             else:
                 print(f"\n--- {method.name}: in process only (demo/reference_policies.py)", flush=True)
             rows = run.answer(method)
@@ -368,7 +368,8 @@ def run_generation(model_path: Path, data: Path, split: str, samples: int, curve
     for method in methods:
         print(f"\n--- {method.name}: python -m dynamic_llava.eval.generation_ability --model-path {model_path} "
               f"--question-file {data / split / 'describe.jsonl'} --image-folder {data / 'images'} "
-              f"--limit {samples} --max-new-tokens {max_new_tokens} {shlex.join(method.flags)}", flush=True)
+              f"--limit {samples} --max-new-tokens {max_new_tokens} --dtype float32 {shlex.join(method.flags)}",
+              flush=True)
         options = _options(method.flags)
         per_sample = [evaluate_sample(model, tokenizer, processor, s, args, meteor, options) for s in rows]
         curves = []
