@@ -30,3 +30,11 @@ def tiny_llava_nopred_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The seed-0 Dynamic-LLaVA checkpoint in the llava-hf layout."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", fmt="hf", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def pil_refuses_truncated_images() -> None:
+    """PIL's default, which importing lmms-eval (tests/test_lmms_eval.py) turns off for the whole process."""
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
