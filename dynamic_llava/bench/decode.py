@@ -24,7 +24,6 @@ import argparse
 import gc
 import os
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from ..generation import append_token
 from ..model.batch import OUTPUT, TokenBatch
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.policy import TokenPolicy, make_policy
+from .device import add_device_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device, timed
 from .output import write_json
 from .prefill import DENSE, SPARSE, Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs
 from .shapes import SHAPES
@@ -81,10 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here (at the end)")
     parser.add_argument("--plot", default=None, help="PNG of KV bytes and per-token latency vs output length")
+    add_device_argument(parser)
 
 
-def available_memory() -> int:
-    """Bytes the kernel could hand out now (MemAvailable: free plus reclaimable page cache)."""
+def available_memory(device: torch.device = torch.device("cpu")) -> int:
+    """Bytes that could be allocated now: free GPU memory on CUDA, else what the kernel could hand out
+    (MemAvailable: free plus reclaimable page cache)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -110,6 +114,8 @@ def real_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPol
                 window: int) -> dict[str, Any]:
     """Greedy decode of `length` tokens with the cache: latency (median of the last `window` steps), KV bytes
     and the kept fraction of generated tokens."""
+    device = model.lm_head.weight.device
+    reset_peak_memory(device)
     decoder = Decoder(model, inputs, policy)
     decoder.replicate(batch_size)
     for _ in range(length):
@@ -118,7 +124,8 @@ def real_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPol
     kept = decoder.outputs_kept.float().mean().item()
     return {"output_tokens": length, "seconds_per_token": statistics.median(decoder.seconds[-window:]),
             "kv_cache_bytes": report["kv_cache_bytes"], "output_tokens_kept": round(kept),
-            "output_keep_fraction": kept / length, "entries_check": report["entries_check"]}
+            "output_keep_fraction": kept / length, "entries_check": report["entries_check"],
+            **_peak(device)}
 
 
 @torch.inference_mode()
@@ -126,6 +133,8 @@ def filled_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenP
                   keep_fraction: float, batch_size: int, window: int, seed: int) -> dict[str, Any]:
     """Latency and KV bytes at `length` generated tokens: prefill, fill the cache to that length (one
     warm-up step first), then `window` timed steps."""
+    device = model.lm_head.weight.device
+    reset_peak_memory(device)
     decoder = Decoder(model, inputs, policy)
     decoder.replicate(batch_size)
     decoder.step()
@@ -138,7 +147,14 @@ def filled_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenP
     return {"output_tokens": decoder.fed, "seconds_per_token": statistics.median(decoder.seconds),
             "kv_cache_bytes": report["kv_cache_bytes"],
             "kv_cache_allocated_bytes": report["kv_cache_allocated_bytes"],
-            "output_tokens_kept": report["output_tokens_kept"][0], "entries_check": report["entries_check"]}
+            "output_tokens_kept": report["output_tokens_kept"][0], "entries_check": report["entries_check"],
+            **_peak(device)}
+
+
+def _peak(device: torch.device) -> dict[str, int]:
+    """The measurement's peak allocated GPU memory (weights included), on CUDA only."""
+    peak = peak_memory_bytes(device)
+    return {} if peak is None else {"peak_memory_bytes": peak}
 
 
 def with_generated(model: DynamicLlavaForCausalLM, batch: TokenBatch, n_generated: int, seed: int) -> TokenBatch:
@@ -149,8 +165,8 @@ def with_generated(model: DynamicLlavaForCausalLM, batch: TokenBatch, n_generate
     if not bool((batch.lengths == batch.embeds.shape[1]).all()):
         raise ValueError("with_generated needs unpadded, equal-length prompts")
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (b, n_generated), generator=generator)
-    positions = batch.lengths[:, None] + torch.arange(n_generated)[None, :]
+    ids = torch.randint(3, model.config.vocab_size, (b, n_generated), generator=generator).to(batch.embeds.device)
+    positions = batch.lengths[:, None] + torch.arange(n_generated, device=ids.device)[None, :]
     return TokenBatch(embeds=torch.cat([batch.embeds, model.model.embed_tokens(ids)], dim=1),
                       positions=torch.cat([batch.positions, positions], dim=1),
                       lengths=batch.lengths + n_generated,
@@ -163,16 +179,14 @@ def uncached_step_seconds(model: DynamicLlavaForCausalLM, inputs: Inputs, policy
                           points: list[int], seed: int) -> dict[int | str, float]:
     """Seconds of one uncached decoding step (the whole sequence on a fresh cache) after t generated
     tokens, for each t in `points`, and of the vision tower + embedding ("embed"), which runs once."""
+    device = model.lm_head.weight.device
     model.embed(inputs.prompts, inputs.images)  # warm-up
-    start = time.perf_counter()
-    prompt = model.embed(inputs.prompts, inputs.images)
-    seconds = {"embed": time.perf_counter() - start}
+    prompt, embed_seconds = timed(device, lambda: model.embed(inputs.prompts, inputs.images))
+    seconds: dict[int | str, float] = {"embed": embed_seconds}
     model.step(with_generated(model, prompt, points[0], seed), model.new_cache(len(inputs.prompts)), policy)  # warm-up
     for t in points:
         batch = with_generated(model, prompt, t, seed)
-        start = time.perf_counter()
-        model.step(batch, model.new_cache(len(inputs.prompts)), policy)
-        seconds[t] = time.perf_counter() - start
+        seconds[t] = timed(device, lambda: model.step(batch, model.new_cache(len(inputs.prompts)), policy))[1]
     return seconds
 
 
@@ -195,16 +209,17 @@ def total_from_steps(step_seconds: dict[int | str, float], n_tokens: int) -> flo
 def uncached_decode_seconds(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy,
                             n_tokens: int) -> float:
     """Seconds to generate `n_tokens` greedily, recomputing the whole sequence per token (a real run)."""
-    start = time.perf_counter()
-    batch = model.embed(inputs.prompts, inputs.images)
-    out = model.step(batch, model.new_cache(len(inputs.prompts)), policy)
-    positions = batch.lengths.clone()
-    for _ in range(n_tokens - 1):
-        tokens = out.logits.argmax(-1)
-        batch = append_token(batch, model.model.embed_tokens(tokens[:, None]), positions)
+    def decode() -> None:
+        batch = model.embed(inputs.prompts, inputs.images)
         out = model.step(batch, model.new_cache(len(inputs.prompts)), policy)
-        positions = positions + 1
-    return time.perf_counter() - start
+        positions = batch.lengths.clone()
+        for _ in range(n_tokens - 1):
+            tokens = out.logits.argmax(-1)
+            batch = append_token(batch, model.model.embed_tokens(tokens[:, None]), positions)
+            out = model.step(batch, model.new_cache(len(inputs.prompts)), policy)
+            positions = positions + 1
+
+    return timed(model.lm_head.weight.device, decode)[1]
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -224,6 +239,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
+    device = resolve_device(args.device)
     if args.plot:
         try:
             import matplotlib
@@ -231,12 +247,12 @@ def run(args: argparse.Namespace) -> int:
             raise MissingExtra("matplotlib", needed_by="--plot") from None
         matplotlib.use("Agg")
     if args.dtype == "auto":  # resolved here so that the printed and saved results name the real dtype
-        args.dtype = "bfloat16" if native_bf16() else "float32"
+        args.dtype = "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
-    model = build_model(shape, dtype, args.seed)
+    model = build_model(shape, dtype, args.seed, device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    inputs = make_inputs(1, args.prompt_text_tokens, shape.vision, args.seed)
-    batch_inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed)
+    inputs = make_inputs(1, args.prompt_text_tokens, shape.vision, args.seed, device)
+    batch_inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed, device)
     rule = calibrate_output_predictor(model, inputs, n_tokens=32)
     policies = {"dense": make_policy(model, DENSE), "sparse": make_policy(model, SPARSE)}
     prompt_tokens = args.prompt_text_tokens + inputs.image_tokens
@@ -246,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size, "prompt_tokens": prompt_tokens,
         "prompt_tokens_kept": prompt_kept, "threads": torch.get_num_threads(), "weights_bytes": weights,
+        **device_info(device),
         "load_average_1min_start": os.getloadavg()[0],
         "output_keep_rule": rule, "method": METHOD,
         "check": {}, "with_cache": {}, "without_cache": {}}
@@ -268,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             kept = round(keep_fraction[name] * length)
             need = cache_bytes_needed(model, policies[name].sparse_layer, args.batch_size, prompt_tokens,
                                       prompt_kept[name], length, kept)
-            free = available_memory()
+            free = available_memory(device)
             point: dict[str, Any] = {"output_tokens": length, "kv_cache_bytes_needed": need}
             if need * 1.25 + _ACTIVATION_MARGIN > free:  # the cache grows by up to 25 % at a time
                 point.update(fits=False, available_bytes=free)

@@ -43,6 +43,7 @@ from ..model.decoder import RMSNorm, RotaryEmbedding
 from ..model.llava import DynamicLlavaForCausalLM, StepOutput
 from ..model.policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
 from ..model.vision import CLIPVisionTower
+from .device import add_device_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device, timed
 from .flops import exact_prefill_flops, paper_formula_flops
 from .flops import schedules as flops_schedules
 from .output import write_json
@@ -60,8 +61,11 @@ DENSE, SPARSE = SparsityOptions(sparse=False), SparsityOptions()
 
 
 # ----------------------------------------------------------------------------- models
-def build_model(shape: Shape, dtype: torch.dtype, seed: int = 0) -> DynamicLlavaForCausalLM:
-    """Our model with the CLIP tower attached, random weights, one copy in RAM."""
+def build_model(shape: Shape, dtype: torch.dtype, seed: int = 0,
+                device: torch.device | str = "cpu") -> DynamicLlavaForCausalLM:
+    """Our model with the CLIP tower attached, random weights, one copy, materialised directly on `device`
+    (a 13B shape on a GPU never passes through host RAM)."""
+    device = torch.device(device)
     config = DynamicLlavaConfig(vocab_size=VOCAB, mm_hidden_size=shape.vision["hidden_size"],
                                 sparse_config=shape.sparse, **shape.llm)
     with torch.device("meta"):
@@ -69,21 +73,24 @@ def build_model(shape: Shape, dtype: torch.dtype, seed: int = 0) -> DynamicLlava
         clip = CLIPVisionModel(CLIPVisionConfig(**shape.vision))
         model.model.vision_tower = CLIPVisionTower(clip, config.mm_vision_select_layer, config.mm_vision_select_feature)
     model = model.to(dtype)
-    _check_memory(model)
-    model = model.to_empty(device="cpu").eval()
+    _check_memory(model, device)
+    model = model.to_empty(device=device).eval()
     _fill_random(model, seed)
     # Buffers are not weights: recompute them (to_empty left them uninitialised; inv_freq stays fp32).
-    model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+    model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
     embeddings = clip.embeddings
     embeddings.position_ids.copy_(torch.arange(embeddings.num_positions)[None])
     return model
 
 
-def _check_memory(model: nn.Module) -> None:
+def _check_memory(model: nn.Module, device: torch.device) -> None:
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"memory on {device}"
+    else:
+        available, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM"
     if needed > 0.9 * available:
-        raise UserError(f"the weights need {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of RAM "
+        raise UserError(f"the weights need {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of {where} "
                         "is free: use a smaller --shape (or bfloat16)")
 
 
@@ -100,8 +107,8 @@ def _fill_random(model: nn.Module, seed: int) -> None:
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 param.fill_(1.0)
             else:
-                if param.dtype not in pools:
-                    pools[param.dtype] = pool32.to(param.dtype)
+                if param.dtype not in pools:  # the same values on every device (drawn on the CPU)
+                    pools[param.dtype] = pool32.to(param.device, param.dtype)
                 pool = pools[param.dtype]
                 flat, start, done = param.view(-1), int(torch.randint(_POOL_SIZE, (1,), generator=generator)), 0
                 while done < flat.numel():
@@ -140,7 +147,7 @@ def build_reference(model: DynamicLlavaForCausalLM) -> LlavaForConditionalGenera
         theirs.input_layernorm.weight = mine.input_layernorm.weight
         theirs.post_attention_layernorm.weight = mine.post_attention_layernorm.weight
     lm.norm.weight = ours.norm.weight
-    lm.rotary_emb = LlamaRotaryEmbedding(lm.config)
+    lm.rotary_emb = LlamaRotaryEmbedding(lm.config).to(model.lm_head.weight.device)
     ref.lm_head = model.lm_head
     ref.eval()
     _check_shared(ref, model)
@@ -171,7 +178,8 @@ class Inputs:
     image_tokens: int
 
 
-def make_inputs(batch_size: int, text_tokens: int, vision: dict[str, int], seed: int) -> Inputs:
+def make_inputs(batch_size: int, text_tokens: int, vision: dict[str, int], seed: int,
+                device: torch.device | str = "cpu") -> Inputs:
     """B copies of one v1.5-shaped prompt: BOS + system + USER: <image> question ASSISTANT: (random ids)."""
     generator = torch.Generator().manual_seed(seed)
     text = torch.randint(3, REF_IMAGE_TOKEN, (text_tokens,), generator=generator)
@@ -181,9 +189,10 @@ def make_inputs(batch_size: int, text_tokens: int, vision: dict[str, int], seed:
     prompt = torch.cat([text[:split], torch.tensor([IMAGE_TOKEN_INDEX]), text[split:]])
     expanded = torch.cat([text[:split], torch.full((n_image,), REF_IMAGE_TOKEN), text[split:]])
     pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], generator=generator)
+    prompt, expanded, pixels = prompt.to(device), expanded.to(device), pixels.to(device)
     return Inputs(prompts=[prompt] * batch_size, images=[pixels] * batch_size,
                   input_ids=expanded[None].repeat(batch_size, 1), pixel_values=pixels.repeat(batch_size, 1, 1, 1),
-                  attention_mask=torch.ones(batch_size, len(expanded), dtype=torch.long),
+                  attention_mask=torch.ones(batch_size, len(expanded), dtype=torch.long, device=device),
                   text_tokens=text_tokens, image_tokens=n_image)
 
 
@@ -205,7 +214,7 @@ class Decoder:
     """Greedy decoding with the KV cache via `model.step`, one timed token at a time."""
 
     def __init__(self, model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPolicy) -> None:
-        self.model, self.policy = model, policy
+        self.model, self.policy, self.device = model, policy, model.lm_head.weight.device
         batch, self.cache, out = ours_prefill(model, inputs, policy)
         self.prompt_lengths = batch.lengths.clone()
         self.prompt_kept = out.keep.sum(1)  # text + kept image tokens
@@ -217,18 +226,21 @@ class Decoder:
         self.seconds: list[float] = []
 
     def step(self) -> None:
-        start = time.perf_counter()
-        out = self.model.step(self.model.embed_generated(self.tokens, self.positions), self.cache, self.policy)
-        self.tokens = out.logits.argmax(-1)
-        self.seconds.append(time.perf_counter() - start)
-        self.outputs_kept += out.keep[:, 0]
+        def one_step() -> torch.Tensor:
+            out = self.model.step(self.model.embed_generated(self.tokens, self.positions), self.cache, self.policy)
+            self.tokens = out.logits.argmax(-1)
+            return out.keep
+
+        keep, seconds = timed(self.device, one_step)
+        self.seconds.append(seconds)
+        self.outputs_kept += keep[:, 0]
         self.positions += 1
         self.fed += 1
 
     def replicate(self, batch_size: int) -> None:
         """Turn a batch-1 state into `batch_size` identical samples (costs as much to decode as distinct
         ones, without a batch-sized prefill)."""
-        rows = torch.zeros(batch_size, dtype=torch.long)
+        rows = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.cache.select(rows)
         for name in ("prompt_lengths", "prompt_kept", "tokens", "positions", "outputs_kept"):
             setattr(self, name, getattr(self, name)[rows])
@@ -251,10 +263,11 @@ class Decoder:
                 continue
             used = layer.k[:, :, :int(layer.lengths.max())]
             scale = float(used.float().std())
-            k = (torch.randn(b, used.shape[1], n, used.shape[3], generator=generator) * scale).to(used.dtype)
-            v = (torch.randn(b, used.shape[1], n, used.shape[3], generator=generator) * scale).to(used.dtype)
-            positions = self.positions[:, None] + offsets[None, :]
-            n_new = torch.full((b,), n, dtype=torch.long)
+            # drawn on the CPU (the same values on every device), then moved beside the layer's cache
+            k = (torch.randn(b, used.shape[1], n, used.shape[3], generator=generator) * scale).to(used)
+            v = (torch.randn(b, used.shape[1], n, used.shape[3], generator=generator) * scale).to(used)
+            positions = self.positions.to(used.device)[:, None] + offsets.to(used.device)[None, :]
+            n_new = torch.full((b,), n, dtype=torch.long, device=used.device)
             layer.write(k, v, positions, n_new)
             layer.commit(n_new)
         self.positions += n_generated
@@ -315,21 +328,26 @@ def calibrate_output_predictor(model: DynamicLlavaForCausalLM, inputs: Inputs, n
             f"(output sparsification off)")
 
 
-def _time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Run each runner `repeats` times, rotating the order each round: wall seconds, and the kernel
-    seconds and minor page faults of the process during the run (fresh large tensors are page-faulted)."""
+def _time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int, device: torch.device
+                      ) -> dict[str, dict[str, list[float]]]:
+    """Run each runner `repeats` times, rotating the order each round: seconds on `device`, the kernel
+    seconds and minor page faults of the process during the run (fresh large tensors are page-faulted)
+    and, on CUDA, the run's peak allocated GPU memory."""
     names = list(runners)
-    runs: dict[str, dict[str, list[float]]] = {name: {"seconds": [], "kernel_seconds": [], "page_faults": []}
-                                               for name in names}
+    fields = ["seconds", "kernel_seconds", "page_faults"] + (["peak_memory_bytes"] if device.type == "cuda" else [])
+    runs: dict[str, dict[str, list[float]]] = {name: {field: [] for field in fields} for name in names}
     with tqdm(total=repeats * len(names), desc="prefill", unit="run") as bar:
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                runners[name]()
-                seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+                reset_peak_memory(device)
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                _, seconds = timed(device, runners[name])
+                after = resource.getrusage(resource.RUSAGE_SELF)
                 runs[name]["seconds"].append(seconds)
                 runs[name]["kernel_seconds"].append(after.ru_stime - before.ru_stime)
                 runs[name]["page_faults"].append(after.ru_minflt - before.ru_minflt)
+                if device.type == "cuda":
+                    runs[name]["peak_memory_bytes"].append(peak_memory_bytes(device))
                 bar.update(1)
     return runs
 
@@ -373,16 +391,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-text-tokens", type=int, default=60, help="text tokens besides the image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here (at the end)")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     if args.dtype == "auto":  # resolved here so that the printed and saved results name the real dtype
-        args.dtype = "bfloat16" if native_bf16() else "float32"
+        args.dtype = "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     for name, low in (("batch_size", 1), ("repeats", 1), ("decode_tokens", 0), ("prompt_text_tokens", 2)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
-    print(f"bench prefill: {args.shape}, {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+    print(f"bench prefill: {args.shape}, {args.dtype}, batch {args.batch_size}, on {device}, "
+          f"{torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
 
     parity = check_parity(args.seed)
@@ -391,13 +412,13 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError("ours dense and transformers disagree: not timing")
 
     start = time.perf_counter()
-    model = build_model(shape, dtype, args.seed)
+    model = build_model(shape, dtype, args.seed, device)
     ref = build_reference(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"built random weights: {n_params / 1e9:.2f} B parameters, "
           f"{sum(p.nbytes for p in model.parameters()) / 2**30:.1f} GiB, in {time.perf_counter() - start:.1f} s; "
           "transformers reference shares every parameter (data_ptr checked)", flush=True)
-    inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed)
+    inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed, device)
     n_prompt = inputs.text_tokens + inputs.image_tokens
     if n_prompt + args.decode_tokens > model.config.max_position_embeddings:
         raise UserError(f"{n_prompt} prompt + {args.decode_tokens} decode tokens exceed the context length")
@@ -429,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
             "dense": lambda: ours_prefill(model, inputs, dense_policy),
             "sparse": lambda: ours_prefill(model, inputs, sparse_policy),
             "transformers": lambda: reference_prefill(ref, inputs),
-        }, args.repeats)
+        }, args.repeats, device)
         prefill = {name: statistics.median(run["seconds"]) for name, run in runs.items()}
 
         decode: dict[str, float | None] = {"dense": None, "sparse": None}
@@ -473,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         "transformers_call": TRANSFORMERS_CALL + " (lm_head on the last position only, as ours)",
         "weights": "random (seeded); a forward pass's speed does not depend on weight values",
         "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        **device_info(device), "transformers": transformers.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     _print_summary(result)

@@ -60,6 +60,7 @@ from ..model.config import DynamicLlavaConfig, SparseConfig
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.masked_attention import masked_softmax_attention
 from ..model.sparsity_training import SparsityTraining
+from .device import add_device_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device, timed
 from .output import write_json
 from .shapes import SHAPES, VOCAB, Shape
 
@@ -133,6 +134,7 @@ class StepConfig:
     gradient_checkpointing: bool
     repeats: int
     seed: int
+    device: str = "cpu"  # resolved (cuda -> cuda:N) before the workers start
 
 
 def _shape(config: StepConfig) -> Shape:
@@ -153,7 +155,7 @@ def build_training_model(config: StepConfig) -> DynamicLlavaForCausalLM:
         build_model,  # transformers' LLaVA classes: only the worker needs them
     )
 
-    model = build_model(_shape(config), torch.float32, config.seed).train()
+    model = build_model(_shape(config), torch.float32, config.seed, config.device).train()
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()  # what Trainer calls (gradient_checkpointing_enable: deprecated alias)
     return model
@@ -172,13 +174,15 @@ def make_batch(config: StepConfig, vision: dict[str, int]) -> dict[str, Any]:
     labels[-config.answer_tokens:] = answer
     pixels = torch.randn(config.batch_size, 3, vision["image_size"], vision["image_size"], generator=generator)
     b = config.batch_size
-    return {"input_ids": ids[None].repeat(b, 1), "labels": labels[None].repeat(b, 1),
-            "attention_mask": torch.ones(b, len(ids), dtype=torch.long), "images": pixels}
+    batch = {"input_ids": ids[None].repeat(b, 1), "labels": labels[None].repeat(b, 1),
+             "attention_mask": torch.ones(b, len(ids), dtype=torch.long), "images": pixels}
+    return {name: tensor.to(config.device) for name, tensor in batch.items()}
 
 
 def training_step(model: DynamicLlavaForCausalLM, batch: dict[str, Any], dtype: str) -> dict[str, float]:
     """Forward under autocast, backward outside it (as Trainer's training_step); the loss terms."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    device_type = model.lm_head.weight.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = model(**batch)
     out.loss.backward()
     terms = {name: getattr(out, name) for name in ("loss", "lm_loss", "vision_keep", "output_keep")}
@@ -228,13 +232,17 @@ class ModeRunner:
 
     def step(self) -> dict[str, Any]:
         torch.manual_seed(self.config.seed)  # the same Gumbel noise in every step and mode
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
-        terms = training_step(self.model, self.batch, self.config.dtype)
-        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+        device = torch.device(self.config.device)
+        reset_peak_memory(device)
+        cpu_start = _cpu_seconds()
+        terms, seconds = timed(device, lambda: training_step(self.model, self.batch, self.config.dtype))
+        cpu = _cpu_seconds() - cpu_start
+        peak_gpu = peak_memory_bytes(device)  # before zero_grad: the gradients are part of the step's peak
         self.model.zero_grad(set_to_none=True)
         _release_free_memory()
         self.steps += 1
-        return {"seconds": seconds, "cpu_seconds": cpu, "peak_kib": _status_kib("VmHWM"), "terms": terms}
+        reply = {"seconds": seconds, "cpu_seconds": cpu, "peak_kib": _status_kib("VmHWM"), "terms": terms}
+        return reply if peak_gpu is None else {**reply, "peak_gpu_bytes": peak_gpu}
 
     def summary(self) -> dict[str, Any]:
         if self.mode != "dense" and self.calls[0] == 0:
@@ -356,6 +364,9 @@ def _mode_result(runs: list[dict[str, Any]], summary: dict[str, Any]) -> dict[st
         "gradient_mib": summary["gradient_mib"],
         "masked_attention_calls_per_step": summary["masked_attention_calls_per_step"],
         "first_step": runs[0]["terms"],
+        # CUDA only: peak allocated GPU memory of each timed step (weights and gradients included)
+        **({"peak_gpu_memory_bytes_runs": [run["peak_gpu_bytes"] for run in timed]}
+           if "peak_gpu_bytes" in runs[0] else {}),
     }
 
 
@@ -374,9 +385,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode, after one warm-up step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here (at the end)")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     shape = TRAIN_SHAPES[args.shape]
     layers = args.layers or shape.llm["num_hidden_layers"]
     sparse_layer = SparseConfig(**shape.sparse).sparse_layer
@@ -386,9 +399,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
     config = StepConfig(args.shape, layers, args.batch_size, args.prompt_text_tokens, args.answer_tokens,
-                        args.dtype, args.gradient_checkpointing, args.repeats, args.seed)
+                        args.dtype, args.gradient_checkpointing, args.repeats, args.seed, str(device))
     n_params = parameter_count(_shape(config))
-    _check_memory(n_params, args.shape)
+    _check_memory(n_params, args.shape, device)
     image_tokens = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2
     text_tokens = args.prompt_text_tokens + args.answer_tokens
     print(f"bench train: {args.shape} ({layers} layers, {n_params / 1e6:.0f} M parameters), {args.dtype}, "
@@ -405,10 +418,11 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "modes": modes, "ratios_to_dense": ratios, **asdict(config), "parameters": n_params,
         "image_tokens": image_tokens, "text_tokens": text_tokens, "sequence_tokens": image_tokens + text_tokens,
-        "step": "forward (CPU autocast if bf16) + loss.backward(); optimizer excluded; grads set to None between steps",
+        "step": f"forward ({device.type} autocast if bf16) + loss.backward(); optimizer excluded; grads set to None "
+                "between steps",
         "memory": "VmHWM reset after model + inputs are built; increase = peak over the steps - VmRSS before them",
         "vision_tower": "frozen stub (no grad in every mode)" if args.shape != "tiny" else "tiny CLIP (frozen)",
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.machine(), **device_info(device),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -418,11 +432,14 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in modes.values()) else 0
 
 
-def _check_memory(n_params: int, shape: str) -> None:
+def _check_memory(n_params: int, shape: str, device: torch.device) -> None:
     """Every mode's fp32 weights (the workers live side by side) + one set of fp32 gradients must fit,
-    before any activation."""
-    with open("/proc/meminfo") as meminfo:
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    before any activation (in the GPU's free memory on CUDA)."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     needed = n_params * 4 * (len(MODES) + 1)
     if needed > 0.8 * available:
         raise UserError(f"{shape}: {len(MODES)} copies of the fp32 weights + gradients need {needed / 2**30:.1f} GiB, "
