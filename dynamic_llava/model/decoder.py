@@ -52,9 +52,10 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, k
     return (key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None]))[:, None]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention with grouped K/V heads shared by several query heads; `mask=None` means causal."""
-    causal = mask is None
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+          ) -> torch.Tensor:
+    """Attention with grouped K/V heads shared by several query heads; `mask=None` means every key visible,
+    or causal with `causal=True`."""
     if k.shape[1] == q.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     if _SDPA_HAS_GQA:  # avoids copying the whole cache once per layer and step
@@ -114,10 +115,13 @@ class Attention(nn.Module):
             real = torch.arange(t, device=x.device)[None, :] < n_new[:, None]
             cache.accumulate((probs.sum(1) * real[..., None]).sum(1))
         elif causal:
-            out = _sdpa(q, keys, values, None)
+            out = _sdpa(q, keys, values, None, causal=True)
         else:
             mask = attention_mask(positions, key_positions, key_valid)
-            out = _sdpa(q, keys, values, mask if key_mask is None else mask & key_mask)
+            mask = mask if key_mask is None else mask & key_mask
+            # One query that sees every key (decoding with equal cache lengths): no mask, which is the same
+            # attention and lets SDPA use flash attention on GPU (a mask rules it out)
+            out = _sdpa(q, keys, values, None if t == 1 and bool(mask.all()) else mask, causal=False)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def last_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -144,7 +148,8 @@ class Attention(nn.Module):
         other mask for real tokens); else masked-softmax attention with the differentiable keep [B, T]."""
         b, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
-        out = _sdpa(q, k, v, None) if keep is None else masked_softmax_attention(q, k, v, keep, key_valid)
+        out = (_sdpa(q, k, v, None, causal=True) if keep is None
+               else masked_softmax_attention(q, k, v, keep, key_valid))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
