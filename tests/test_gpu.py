@@ -283,12 +283,16 @@ def test_decoding_without_a_mask_equals_the_all_true_mask(tiny_llava_dir: Path, 
 
 @pytest.mark.gpu
 @_NO_CUDA
-@pytest.mark.parametrize("batch", ["one", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("checkpoint", ["tiny_llava_dir", "gqa_dir"], ids=["mha", "gqa"])
+@pytest.mark.parametrize(("checkpoint", "batch"), [
+    ("tiny_llava_dir", "one"), ("tiny_llava_dir", "mixed"), ("gqa_dir", "one"),
+    # a padded batch passes masks: flash refuses any mask, memory-efficient refuses grouped K/V heads
+    pytest.param("gqa_dir", "mixed", marks=pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                                             reason="GQA with a mask needs the math fallback"))])
 def test_prefill_and_decode_need_no_math_fallback(request: pytest.FixtureRequest, checkpoint: str,
                                                    dtype: torch.dtype, batch: str) -> None:
-    """Only flash and memory-efficient attention allowed: SDPA raises if a call needs the math fallback."""
+    """Only flash and memory-efficient attention allowed: SDPA raises if a call needs the math fallback.
+    One sample: causal prefill and unmasked decoding, flash; a padded MHA batch: masks, memory-efficient."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     tokenizer, model, _, _ = _load(request.getfixturevalue(checkpoint), "cuda", dtype)
