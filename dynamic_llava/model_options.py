@@ -30,12 +30,14 @@ def resolve_device(device: str | None) -> str:
 
 
 def load_model(args: argparse.Namespace, model_path: str | Path | None = None,
+               devices: list[str] | None = None,
                ) -> tuple[PreTrainedTokenizerBase, DynamicLlavaForCausalLM, CLIPImageProcessor]:
     """(tokenizer, model, image processor) of `model_path` (default: --model-path) with --model-base, on
-    --device in --dtype, sparsified as the sparsity flags say."""
+    --device (or its decoder layers split over `devices`) in --dtype, sparsified as the sparsity flags say."""
     from .model.loading import load_pretrained_model  # heavy import: only once a command has checked its input
 
+    device = devices[0] if devices else resolve_device(args.device)
     tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_path or args.model_path, args.model_base, device=resolve_device(args.device), dtype=args.dtype,
+        model_path or args.model_path, args.model_base, device=device, dtype=args.dtype, devices=devices,
         **sparsity_overrides(args))
     return tokenizer, model, image_processor

@@ -12,6 +12,8 @@ Only for H2O, a layer can also track attention: each entry then carries the atte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -99,6 +101,7 @@ class LayerKVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these samples (batch rows), e.g. when others finished generating."""
+        rows = rows.to(self.lengths.device)  # a layer placed on another device than the batch
         self.k, self.v = self.k[rows], self.v[rows]
         self.positions, self.lengths = self.positions[rows], self.lengths[rows]
         if self.scores is not None:
@@ -130,12 +133,16 @@ class LayerKVCache:
 
 
 class SparseKVCache:
-    """One `LayerKVCache` per decoder layer."""
+    """One `LayerKVCache` per decoder layer; `device` is one device for all, or one per layer (a model
+    split over several GPUs keeps each layer's cache beside the layer)."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int = 0) -> None:
-        self.layers = [LayerKVCache(batch_size, num_kv_heads, head_dim, dtype, device, capacity)
-                       for _ in range(num_layers)]
+                 device: torch.device | Sequence[torch.device], capacity: int = 0) -> None:
+        devices = [device] * num_layers if isinstance(device, (torch.device, str)) else list(device)
+        if len(devices) != num_layers:
+            raise ValueError(f"{len(devices)} devices for {num_layers} cache layers")
+        self.layers = [LayerKVCache(batch_size, num_kv_heads, head_dim, dtype, torch.device(d), capacity)
+                       for d in devices]
 
     def select(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
@@ -148,8 +155,9 @@ class SparseKVCache:
         return len(self.layers)
 
     def lengths(self) -> torch.Tensor:
-        """[num_layers, B] entries held per layer and sample."""
-        return torch.stack([layer.lengths for layer in self.layers])
+        """[num_layers, B] entries held per layer and sample (on the first layer's device)."""
+        device = self.layers[0].lengths.device
+        return torch.stack([layer.lengths.to(device) for layer in self.layers])
 
     def generated_entries(self, sample: int) -> int | None:
         """Generated-token entries `sample` holds in the first layer that tracks attention (H2O keeps the

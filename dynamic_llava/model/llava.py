@@ -36,6 +36,42 @@ from .sparsity_training import SparsityTraining, decide
 from .vision import CLIPVisionTower
 
 
+def balanced_layer_devices(num_layers: int, devices: Sequence[str | torch.device]) -> list[torch.device]:
+    """Which device each decoder layer lives on when a model is split over `devices` (a model larger than
+    one GPU): contiguous blocks in device order, as equal as possible; the num_layers % N extra layers go
+    to the last devices, because the first one also holds the embeddings, vision tower, projector and
+    predictors (the last one holds only the final norm and lm_head besides its layers)."""
+    devices = [torch.device(d) for d in devices]
+    if not devices:
+        raise UserError("a layer placement needs at least one device")
+    base, extra = divmod(num_layers, len(devices))
+    counts = [base + (i >= len(devices) - extra) for i in range(len(devices))]
+    return [device for device, count in zip(devices, counts) for _ in range(count)]
+
+
+def _place(module: nn.Module, device: torch.device) -> None:
+    """Move `module` to `device`; one still on the meta device is materialised there, uninitialised
+    (the loader fills it), so a large model never exists whole on one device."""
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        module.to_empty(device=device)
+    else:
+        module.to(device)
+
+
+class _Carrier:
+    """The per-token tensors every layer needs besides its input, copied once to each device the layers of
+    a split model live on (no copy at all when there is one device)."""
+
+    def __init__(self, *tensors: torch.Tensor | None) -> None:
+        self.home = next(t for t in tensors if t is not None).device
+        self.copies = {self.home: tensors}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        if device not in self.copies:
+            self.copies[device] = tuple(None if t is None else t.to(device) for t in self.copies[self.home])
+        return self.copies[device]
+
+
 @dataclass
 class StepOutput:
     logits: torch.Tensor  # [B, V] next-token logits (or [B, T, V] for every new token if asked)
@@ -77,6 +113,8 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         self.sparsity_training: SparsityTraining | None = None
         # What `make_policy(model)` builds from when given no options: set once, by the loader's arguments.
         self.sparsity_options = SparsityOptions()
+        # The device of each decoder layer once `place_layers` split the model; None: all on one device.
+        self.layer_devices: list[torch.device] | None = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -115,6 +153,35 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
             if hasattr(self.model, name):
                 init_predictor_weights(getattr(self.model, name))
 
+    # ----------------------------------------------------------------- placement
+    def place_layers(self, devices: Sequence[str | torch.device]) -> list[torch.device]:
+        """Split the model over `devices` (e.g. ["cuda:0", "cuda:1"] for a 13B on two 24 GB GPUs) and return
+        the placement table (layer i on table[i], see `balanced_layer_devices`): embeddings, vision tower,
+        projector, predictors and rotary tables on the first device, final norm and lm_head on the last.
+        Each layer's KV cache is allocated beside it (`new_cache`); `step` moves hidden states across the
+        boundaries. Parts still on the meta device are materialised directly on their device."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            raise UserError("a model whose lm_head shares the embedding weights cannot be split over devices")
+        table = balanced_layer_devices(len(self.model.layers), devices)
+        first, last = torch.device(devices[0]), torch.device(devices[-1])
+        for name, module in self.model.named_children():
+            if name != "layers":
+                _place(module, last if name == "norm" else first)
+        for layer, device in zip(self.model.layers, table):
+            _place(layer, device)
+        _place(self.lm_head, last)
+        # a non-persistent buffer: recomputed rather than read (to_empty leaves it uninitialised)
+        self.model.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta).to(first)
+        self.layer_devices = table
+        return table
+
+    def _layer_devices(self, like: torch.Tensor) -> list[torch.device]:
+        return self.layer_devices or [like.device] * len(self.model.layers)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head(norm(h)) on the head's device, returned on h's."""
+        return self.lm_head(self.model.norm(h.to(self.lm_head.weight.device))).to(h.device)
+
     # ----------------------------------------------------------------- embedding
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> projected image features [n, N, C]."""
@@ -140,7 +207,7 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
             n_img = 0 if img is None else img.shape[0]
             if n != n_img:
                 raise UserError(f"prompt {i} has {n} <image> placeholder(s) but {n_img} image(s) were given")
-        device = self.lm_head.weight.device
+        device = self.model.embed_tokens.weight.device
         pixels = [img for img in images if img is not None and img.shape[0] > 0]
         features = self.encode_images(torch.cat(pixels)) if pixels else None
         pieces, kinds, image_ids = [], [], []
@@ -185,7 +252,7 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         cfg = self.config
         weight = self.lm_head.weight
         return SparseKVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim,
-                             weight.dtype, weight.device, capacity)
+                             weight.dtype, self.layer_devices or weight.device, capacity)
 
     def step(self, batch: TokenBatch, cache: SparseKVCache, policy: TokenPolicy | None = None,
              all_logits: bool = False) -> StepOutput:
@@ -206,14 +273,18 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
                 raise UserError("output_policy 'h2o' evicts entries of the KV cache: it needs decoding with the "
                                 "cache (use_cache=True); choose another output policy to decode without it")
         h = batch.embeds
+        home, placement = h.device, self._layer_devices(h)
         cos, sin = self.model.rotary(batch.positions, h.dtype)
         probe_input = h
         early, late = slice(None, sparse_layer), slice(sparse_layer, None)
-        for layer, layer_cache in zip(self.model.layers[early], cache.layers[early]):
-            probe_input = h
-            h = layer(h, cos, sin, batch.positions, batch.lengths, layer_cache)
-            layer_cache.commit(batch.lengths)
+        carry = _Carrier(cos, sin, batch.positions, batch.lengths)
+        for layer, layer_cache, device in zip(self.model.layers[early], cache.layers[early], placement[early]):
+            probe_input = h = h.to(device)
+            layer_cos, layer_sin, positions, lengths = carry.on(device)
+            h = layer(h, layer_cos, layer_sin, positions, lengths, layer_cache)
+            layer_cache.commit(lengths)
         probe = self._attention_probe(probe_input, batch, cos, sin, sparse_layer)
+        h = h.to(home)  # the policy, its predictors and the batch live on the first device
         keep = policy.select(h, batch, probe) & batch.valid if sparse_layer < len(self.model.layers) else batch.valid
         processed = keep | (batch.is_last & batch.valid)
         # Processed tokens first, in their original order; kept ones precede a dropped last token.
@@ -225,23 +296,26 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         n_kept = keep.sum(1)
         cos, sin = self.model.rotary(sub.positions, h.dtype)
         generated = sub.kinds == OUTPUT if track else None
-        for layer, layer_cache in zip(self.model.layers[late], cache.layers[late]):
+        carry = _Carrier(cos, sin, sub.positions, sub.lengths, n_kept, generated)
+        for layer, layer_cache, device in zip(self.model.layers[late], cache.layers[late], placement[late]):
             if track:
                 layer_cache.track_attention()
-            h = layer(h, cos, sin, sub.positions, sub.lengths, layer_cache)
-            layer_cache.commit(n_kept, generated)
+            h = h.to(device)
+            layer_cos, layer_sin, positions, lengths, layer_kept, layer_generated = carry.on(device)
+            h = layer(h, layer_cos, layer_sin, positions, lengths, layer_cache)
+            layer_cache.commit(layer_kept, layer_generated)
             if track:
                 eviction.evict(layer_cache)
-        h = self.model.norm(h)
+        h = self.model.norm(h.to(self.lm_head.weight.device))
         if all_logits:
-            logits = self.lm_head(h)
+            logits = self.lm_head(h).to(home)
             full = logits.new_full((*batch.positions.shape, logits.shape[-1]), float("nan"))
             rows = torch.arange(order.shape[1], device=order.device)[None, :] < n_processed[:, None]
             sample_idx = torch.arange(order.shape[0], device=order.device)[:, None].expand_as(order)
             full[sample_idx[rows], order[rows]] = logits[rows]
             return StepOutput(full, keep)
-        last = h[torch.arange(h.shape[0], device=h.device), n_processed - 1]
-        return StepOutput(self.lm_head(last), keep)
+        last = h[torch.arange(h.shape[0], device=h.device), n_processed.to(h.device) - 1]
+        return StepOutput(self.lm_head(last).to(home), keep)
 
     def _attention_probe(self, layer_input: torch.Tensor, batch: TokenBatch, cos: torch.Tensor,
                          sin: torch.Tensor, sparse_layer: int) -> AttentionProbe | None:
@@ -252,7 +326,9 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         if sparse_layer == 0:
             return None
         layer = self.model.layers[sparse_layer - 1]
-        return lambda: layer.last_token_attention(layer_input, cos, sin, batch.positions, batch.lengths)
+        device, home = layer.input_layernorm.weight.device, batch.embeds.device
+        return lambda: layer.last_token_attention(*(t.to(device) for t in (
+            layer_input, cos, sin, batch.positions, batch.lengths))).to(home)
 
     def forward_full(self, input_ids: Sequence[Sequence[int] | torch.Tensor],
                      images: Sequence[torch.Tensor | None] | None = None,
@@ -276,7 +352,7 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         probe = self._attention_probe(probe_input, batch, cos, sin, sparse_layer)
         keep = policy.select(h, batch, probe) & batch.valid
         h = self._train_layers(batch, sparse_layer, len(self.model.layers), keep.to(h.dtype), h)
-        return StepOutput(self.lm_head(self.model.norm(h)), keep)
+        return StepOutput(self._logits(h), keep)
 
     # ----------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -312,7 +388,7 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
                                self.model.output_text_score_predictor, self.sparsity_training.tau)
         keep = decisions.keep if decisions is not None else None
         h = self._train_layers(batch, sparse_layer, len(self.model.layers), keep, h)
-        logits = self.lm_head(self.model.norm(h))
+        logits = self._logits(h)
         targets = expanded[:, 1:].masked_fill(~batch.valid[:, 1:], IGNORE_INDEX)
         n_targets = (targets != IGNORE_INDEX).sum()
         # Summed then divided: a batch whose answers were all truncated away gives 0, not NaN.
@@ -330,16 +406,19 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
 
     def _train_layers(self, batch: TokenBatch, start: int, stop: int, keep: torch.Tensor | None,
                       h: torch.Tensor | None = None) -> torch.Tensor:
-        """Layers start..stop-1 over whole sequences without a cache (activation checkpointing if enabled)."""
+        """Layers start..stop-1 over whole sequences without a cache (activation checkpointing if enabled);
+        the result is on the batch's device."""
         h = batch.embeds if h is None else h
-        cos, sin = self.model.rotary(batch.positions, h.dtype)
-        valid = batch.valid
-        for layer in self.model.layers[start:stop]:
+        home = batch.embeds.device
+        carry = _Carrier(*self.model.rotary(batch.positions, h.dtype), keep, batch.valid)
+        for layer, device in zip(self.model.layers[start:stop], self._layer_devices(h)[start:stop]):
+            h = h.to(device)
+            cos, sin, layer_keep, valid = carry.on(device)
             if self.model.gradient_checkpointing and self.training:
-                h = checkpoint(layer.forward_train, h, cos, sin, keep, valid, use_reentrant=False)
+                h = checkpoint(layer.forward_train, h, cos, sin, layer_keep, valid, use_reentrant=False)
             else:
-                h = layer.forward_train(h, cos, sin, keep, valid)
-        return h
+                h = layer.forward_train(h, cos, sin, layer_keep, valid)
+        return h.to(home)
 
 
 @dataclass

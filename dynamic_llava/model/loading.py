@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,7 @@ def load_pretrained_model(
     sparse: bool | None = None,
     *,
     vision_tower: str | Path | None = None,
+    devices: Sequence[str | torch.device] | None = None,
     **sparse_overrides: Any,
 ) -> tuple[PreTrainedTokenizerBase, DynamicLlavaForCausalLM, CLIPImageProcessor, int]:
     """Load a checkpoint like LLaVA's `builder.load_pretrained_model`: (tokenizer, model, image processor,
@@ -224,9 +225,14 @@ def load_pretrained_model(
     `sparse=False` makes the model dense; other `sparse_overrides` (e.g. `vision_keep_rate=0.3`) are
     `SparsityOptions` fields: together the model's `sparsity_options`, which `make_policy(model)` uses.
     `vision_tower` replaces `mm_vision_tower` (a path or a cached Hub id).
+    `devices` (e.g. ["cuda:0", "cuda:1"]) splits the decoder's layers over several devices, a model larger
+    than one GPU (`DynamicLlavaForCausalLM.place_layers`; `device` is then ignored): each part is built
+    directly on its device, never whole on one.
     """
     del model_name
-    device = torch.device(device)
+    if devices is not None and len(devices) == 0:
+        raise UserError("devices must name at least one device")
+    device = torch.device(devices[0] if devices else device)
     path = resolve_local(model_path, "checkpoint")
     base = resolve_local(model_base, "base model") if model_base is not None else None
     layout, config, vision_config, raw = read_checkpoint_config(path)
@@ -244,8 +250,10 @@ def load_pretrained_model(
     config._name_or_path = str(path)
 
     check_fits_memory(config, base or path, torch_dtype, device)
-    with empty_init(device, torch_dtype):
+    with empty_init(torch.device("meta") if devices else device, torch_dtype):
         model = DynamicLlavaForCausalLM(config)
+    if devices:
+        model.place_layers(devices)  # materialised part by part on its device, uninitialised until loaded
     loader = _WeightLoader(model)
     tower_state: StateDict = {}
     for shard in iter_shards(base or path):

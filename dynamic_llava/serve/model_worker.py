@@ -29,7 +29,7 @@ from ..errors import UserError, run_command
 from ..model.policy import describe_sparsity
 from .engine import Engine, Job, RequestSparsity, Sampling
 from .images import ImageLimits, decode_base64_image
-from .options import add_model_arguments, image_limits, load_engine
+from .options import add_model_arguments, gpu_devices, image_limits, load_engine
 from .protocol import WORKER_HEART_BEAT_INTERVAL, ErrorCode, ServeError, encode_chunk, error_chunk, read_json
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL,
                         help="seconds between heartbeats (keep it well below the controller's expiration)")
     parser.add_argument("--no-register", action="store_true", help="do not register with a controller")
-    parser.add_argument("--num-gpus", type=int, default=1, help="only 1: run one worker per GPU (--device cuda:N)")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="split the model's layers over cuda:0 .. cuda:N-1 (a model larger than one GPU); "
+                             "1: the whole model on --device")
     parser.add_argument("--multi-modal", action="store_true",
                         help="accepted for LLaVA's older commands; every model here is multimodal")
     add_model_arguments(parser)
@@ -159,9 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_gpus != 1:
-        raise UserError("--num-gpus must be 1: a model is not split across GPUs here; run one worker per GPU "
-                        "with --device cuda:N and distinct --port")
+    gpu_devices(args.num_gpus, args.device)  # flag errors before anything else
     if args.heart_beat_interval <= 0:
         raise UserError("--heart-beat-interval must be > 0")
     if args.worker_address is None:

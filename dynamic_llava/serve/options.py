@@ -37,6 +37,23 @@ def image_limits(args: argparse.Namespace) -> ImageLimits:
     return ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels)
 
 
+def gpu_devices(num_gpus: int, device: str | None) -> list[str] | None:
+    """The devices a model is split over for `--num-gpus N` (LLaVA's worker: cuda:0 .. cuda:N-1), None for 1."""
+    if num_gpus < 1:
+        raise UserError("--num-gpus must be >= 1")
+    if num_gpus == 1:
+        return None
+    if device not in (None, "cuda"):
+        raise UserError(f"--num-gpus {num_gpus} splits the model over cuda:0 .. cuda:{num_gpus - 1}: leave --device "
+                        f"unset or cuda (not {device}); choose the GPUs with CUDA_VISIBLE_DEVICES")
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < num_gpus:
+        raise UserError(f"--num-gpus {num_gpus}: only {visible} GPU(s) visible")
+    return [f"cuda:{i}" for i in range(num_gpus)]
+
+
 def load_engine(args: argparse.Namespace) -> Engine:
     """Load the checkpoint and start its engine (flag errors are UserErrors, raised before loading)."""
     engine_limits = dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
@@ -45,6 +62,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
         raise UserError("--max-batch-size, --max-queue, --max-new-tokens-limit and --limit-model-concurrency "
                         "must be >= 1")
     image_limits(args)
-    tokenizer, model, image_processor = load_model(args)
+    devices = gpu_devices(getattr(args, "num_gpus", 1), args.device)
+    tokenizer, model, image_processor = load_model(args, devices=devices)
     name = args.model_name or get_model_name_from_path(args.model_path)
     return Engine(model, tokenizer, image_processor, name, **engine_limits)
