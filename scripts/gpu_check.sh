@@ -26,6 +26,8 @@ BUDGET=${GPU_CHECK_BUDGET_S:-540}
 START=$SECONDS
 FAILED=0
 export PYTHONUNBUFFERED=1
+# the console script, or the same command through PYTHON where its bin folder is not on PATH
+if command -v dynamic-llava > /dev/null 2>&1; then DL=(dynamic-llava); else DL=("$PYTHON" -m dynamic_llava.cli); fi
 
 say() {
     echo "$*" | tee -a "$LOG"
@@ -81,13 +83,13 @@ fi
 
 step install 90 "$PYTHON" -m pip install --no-deps -e .
 step pytest-gpu 150 "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -rs tests/test_gpu.py
-step prefill-7b-bs1 75 dynamic-llava bench prefill --shape llava-1.5-7b --dtype bfloat16 --device cuda \
+step prefill-7b-bs1 75 "${DL[@]}" bench prefill --shape llava-1.5-7b --dtype bfloat16 --device cuda \
     --batch-size 1 --repeats 5 --json "$OUT/prefill_bs1.json"
-step prefill-7b-bs8 75 dynamic-llava bench prefill --shape llava-1.5-7b --dtype bfloat16 --device cuda \
+step prefill-7b-bs8 75 "${DL[@]}" bench prefill --shape llava-1.5-7b --dtype bfloat16 --device cuda \
     --batch-size 8 --repeats 3 --json "$OUT/prefill_bs8.json"
-step decode-7b-bs1 100 dynamic-llava bench decode --shape llava-1.5-7b --dtype bfloat16 --device cuda \
+step decode-7b-bs1 100 "${DL[@]}" bench decode --shape llava-1.5-7b --dtype bfloat16 --device cuda \
     --batch-size 1 --lengths 1024,2048,4096 --check-length 64 --no-cache-lengths "" --json "$OUT/decode_bs1.json"
-step train-mid 60 dynamic-llava bench train --shape mid --dtype bf16 --device cuda --json "$OUT/train_mid.json"
+step train-mid 60 "${DL[@]}" bench train --shape mid --dtype bf16 --device cuda --json "$OUT/train_mid.json"
 
 say "== summary (${SECONDS}s in all)"
 tee -a "$LOG" < "$SUMMARY"
