@@ -110,3 +110,38 @@ def test_build_model_on_cpu_fills_the_same_weights(monkeypatch: pytest.MonkeyPat
     assert calls == [torch.device("cpu")] * 2
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+
+
+def test_timed_on_cuda_brackets_the_work_with_events_between_synchronisations(monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    """The CUDA path's order of calls, with torch.cuda faked (no GPU here): synchronize, record, work,
+    record, synchronize, then the events' elapsed milliseconds as seconds."""
+    calls: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self) -> None:
+            calls.append("record")
+
+        def elapsed_time(self, other: Event) -> float:
+            calls.append("elapsed")
+            return 250.0
+
+    class DeviceContext:
+        def __init__(self, device: torch.device) -> None:
+            calls.append(f"on {device}")
+
+        def __enter__(self) -> None:
+            pass
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(f"sync {device}"))
+    result, seconds = bench_device.timed(torch.device("cuda", 1), lambda: calls.append("work") or 7)
+    assert (result, seconds) == (7, 0.25)
+    assert calls == ["on cuda:1", "sync cuda:1", "record", "work", "record", "sync cuda:1", "elapsed"]

@@ -46,12 +46,13 @@ def timed(device: torch.device, fn: Callable[[], T]) -> tuple[T, float]:
         start = time.perf_counter()
         result = fn()
         return result, time.perf_counter() - start
-    torch.cuda.synchronize(device)
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    result = fn()
-    end.record()
-    torch.cuda.synchronize(device)
+    with torch.cuda.device(device):  # the events go on this GPU's current stream, where `fn` queues its work
+        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        result = fn()
+        end.record()
+        torch.cuda.synchronize(device)
     return result, begin.elapsed_time(end) / 1000
 
 

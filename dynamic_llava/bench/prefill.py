@@ -483,6 +483,9 @@ def run(args: argparse.Namespace) -> int:
         "image_tokens": inputs.image_tokens, "image_tokens_kept": image_kept,
         "prefill_runs": runs,
         "prefill_seconds_min": {name: min(run["seconds"]) for name, run in runs.items()},
+        # CUDA only: the largest per-run peak of allocated GPU memory (weights included)
+        **({"prefill_peak_memory_bytes": {name: max(run["peak_memory_bytes"]) for name, run in runs.items()}}
+           if device.type == "cuda" else {}),
         "prefill_kernel_share": {name: statistics.median(run["kernel_seconds"]) / prefill[name]
                                  for name, run in runs.items()},
         "kv_cache_bytes_after_prefill": prefill_kv,
