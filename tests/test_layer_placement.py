@@ -5,6 +5,7 @@ placement (not computation) is checked."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,25 @@ def test_each_part_and_each_cache_layer_lives_on_its_device() -> None:
             for layer in cache.layers] == [(d, d, d, d) for d in (CPU, CPU, META, META)]
     cache.select(torch.tensor([1]))  # rows from the batch's device reach every layer
     assert [layer.k.shape[0] for layer in cache.layers] == [1] * 4
+
+
+@pytest.mark.parametrize("devices", [["cpu", "meta"], ["cpu", "meta", "meta", "meta"]])  # boundary after / before
+def test_hidden_states_and_per_token_tensors_cross_to_the_next_device_at_the_boundary(devices: list[str]) -> None:
+    """A prefill through layers on the CPU then on "meta" (a second device that computes shapes only): each
+    layer receives its input, rotary tables, positions and lengths on its own device, and its cache there.
+    Meta cannot finish the step (values are read), so only the layers reached are checked: at least the
+    first one past the boundary (the boundary falls after / before sparse_layer = 2)."""
+    model = _tiny()
+    table = model.place_layers(devices)
+    seen: dict[int, set[torch.device]] = {}
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda module, args, index=index: seen.__setitem__(
+            index, {t.device for t in args[:5]} | {args[5].k.device}))
+    batch = model.embed([torch.tensor([1, 5, 6, 7, 8])], None)
+    with contextlib.suppress(RuntimeError, NotImplementedError):
+        model.step(batch, model.new_cache(1), make_policy(model, SparsityOptions(sparse=False)))
+    assert set(range(table.index(META) + 1)) <= set(seen)
+    assert all(devices == {table[index]} for index, devices in seen.items())
 
 
 def test_a_meta_built_model_is_materialised_on_its_devices() -> None:
