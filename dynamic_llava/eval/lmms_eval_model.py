@@ -45,6 +45,7 @@ from ..mm_utils import tokenizer_image_token
 from ..model.batch import IMAGE
 from ..model.loading import load_pretrained_model
 from ..model.policy import OUTPUT_RULES, VISION_RULES, describe_sparsity, make_policy
+from ..model_options import resolve_device
 from ..prompting import PreparedRequest, prepare_request
 from ..sparsity_options import sparsity_overrides
 from .io import write_json_atomic, write_text_atomic
@@ -127,8 +128,8 @@ class DynamicLlava(lmms):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
             if torch.cuda.is_available():
                 torch.cuda.set_device(device)  # where NCCL's object collectives (clean) put their tensors
-        elif device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = resolve_device(device)
         self.pretrained = str(pretrained)
         self.efficiency_dir = None
         if efficiency_path is not None:
