@@ -339,7 +339,7 @@ def kv_curve(model: Any, request: Any, target: list[int], options: SparsityOptio
     from ..model.policy import make_policy
 
     policy = make_policy(model, options)
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device  # where inputs go and logits come back (first device when split)
     curve = []
     with torch.inference_mode():
         cache = model.new_cache(1)

@@ -39,7 +39,7 @@ def teacher_forced_nll(model: DynamicLlavaForCausalLM, input_ids: torch.Tensor, 
     of them the first sparse layer's cache holds at the end (fewer than kept for an evicting policy: H2O).
     """
     policy = policy or make_policy(model)
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device  # where inputs go and logits come back (first device when split)
     nlls: list[float] = []
     keeps: list[bool] = []
     with torch.inference_mode():
