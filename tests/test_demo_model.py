@@ -5,6 +5,7 @@ weights); `dynamic-llava ask` uses it when no --model-path is given."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from dynamic_llava.demo.export import BUNDLED_MODEL, BUNDLED_SAMPLES, SAMPLE_QUE
 from dynamic_llava.eval.io import read_jsonl
 from dynamic_llava.generation import GenerationConfig, generate
 from dynamic_llava.model.loading import load_pretrained_model
+from dynamic_llava.model.checkpoint_files import open_tokenizer
 from dynamic_llava.prompting import prepare_request
+from dynamic_llava.train.preprocess import PromptFormat, preprocess
 
 # Questions the shipped model answers correctly, one per type; a retrained export may change them. The
 # attribute one ("What color is the colored triangle?" -> red), the count one ("How many red objects" -> 2)
@@ -48,6 +51,24 @@ def test_bundled_model_is_small_and_self_contained() -> None:
     assert config["mm_vision_tower"] == "vision_tower"  # inside the folder, not a path of the machine it came from
     assert config["sparse_config"]["vision_keep_rate"] == 0.2
     assert config["sparse_config"]["output_text_keep_rate"] == 0.5
+
+
+def test_bundled_tokenizer_supervises_every_reply_of_a_multi_turn_conversation() -> None:
+    """Fine-tuning the bundled model: both replies of a two-round `v1` conversation are supervised. The
+    first bundled model shipped tokenizer.json alone, which reads as legacy=False; LLaVA's round counting
+    then misses by one token per later round and masked every multi-turn sample ("tokenization mismatch").
+    The folder carries tokenizer.model with legacy=True, as LLaVA (use_fast=False) loads it."""
+    tokenizer = open_tokenizer(BUNDLED_MODEL)
+    assert (BUNDLED_MODEL / "tokenizer.model").is_file() and tokenizer.legacy
+    conversation = [{"from": "human", "value": "<image>\nWhat shape is the red object?"},
+                    {"from": "gpt", "value": "circle"},
+                    {"from": "human", "value": "How many colored objects are there?"},
+                    {"from": "gpt", "value": "3"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mismatch warns and masks the sample
+        _, labels = preprocess(conversation, 1, tokenizer, PromptFormat(conv_version="v1"), "two_rounds")
+    supervised = tokenizer.decode([i for i in labels.tolist() if i >= 0])
+    assert supervised.split() == ["circle</s>", "3</s>"]
 
 
 def test_bundled_model_answers_the_fixed_questions(answers: dict[str, tuple[str, dict]]) -> None:
