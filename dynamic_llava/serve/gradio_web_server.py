@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import sys
+from types import ModuleType
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -260,116 +261,186 @@ def _quiet_gradio() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build_demo(controller: str, models: Sequence[str], model_list_mode: str, concurrency_count: int):
-    _quiet_gradio()
-    import gradio as gr
+class _Handlers:
+    """The page's event handlers. gradio is imported only once the page is built, so it is handed in."""
 
-    def choose(choices: Sequence[str], current: str | None = None) -> Any:
+    def __init__(self, gr: ModuleType, controller: str, models: Sequence[str], model_list_mode: str) -> None:
+        self.gr, self.controller, self.models, self.model_list_mode = gr, controller, models, model_list_mode
+
+    def _choose(self, choices: Sequence[str], current: str | None = None) -> Any:
         value = current if current in choices else (choices[0] if choices else None)
-        return gr.Dropdown(choices=list(choices), value=value)
+        return self.gr.Dropdown(choices=list(choices), value=value)
 
-    def load_demo():
-        if model_list_mode == "reload":
+    def _buttons(self, interactive: bool) -> tuple[Any, ...]:
+        """Send, Regenerate and Clear: disabled while an answer streams."""
+        return (self.gr.Button(interactive=interactive),) * 3
+
+    def load_demo(self) -> Any:
+        if self.model_list_mode == "reload":
             try:
-                return choose(get_model_list(controller))
+                return self._choose(get_model_list(self.controller))
             except WorkerError as error:
-                gr.Warning(f"Cannot refresh the model list: {error}")
-        return choose(models)
+                self.gr.Warning(f"Cannot refresh the model list: {error}")
+        return self._choose(self.models)
 
-    def refresh_models(current: str | None):
+    def refresh_models(self, current: str | None) -> Any:
         try:
-            return choose(get_model_list(controller), current)
+            return self._choose(get_model_list(self.controller), current)
         except WorkerError as error:
-            gr.Warning(f"Cannot refresh the model list: {error}")
-            return gr.Dropdown()
+            self.gr.Warning(f"Cannot refresh the model list: {error}")
+            return self.gr.Dropdown()
 
-    def buttons(interactive: bool):
-        return (gr.Button(interactive=interactive),) * 3
-
-    def add_text(state: ChatState, text: str, image_path: str | None):
+    def add_text(self, state: ChatState, text: str, image_path: str | None) -> tuple[Any, ...]:
         state, notice = add_turn(state, text, image_path)
         if state.skip_next:
-            gr.Warning(notice)
-            return (state, chat_messages(state), text, gr.Image()) + buttons(True)
+            self.gr.Warning(notice)
+            return (state, chat_messages(state), text, self.gr.Image()) + self._buttons(True)
         if notice:
-            gr.Info(notice)
-        return (state, chat_messages(state), "", None) + buttons(False)
+            self.gr.Info(notice)
+        return (state, chat_messages(state), "", None) + self._buttons(False)
 
-    def regenerate(state: ChatState):
+    def regenerate(self, state: ChatState) -> tuple[Any, ...]:
         if not state.turns:
             state.skip_next = True
-            return (state, chat_messages(state)) + buttons(True)
+            return (state, chat_messages(state)) + self._buttons(True)
         state.turns[-1].answer, state.turns[-1].error = None, False
         state.skip_next = False
-        return (state, chat_messages(state)) + buttons(False)
+        return (state, chat_messages(state)) + self._buttons(False)
 
-    def clear():
-        return (ChatState(), [], "", None, None, "") + buttons(True)
+    def clear(self) -> tuple[Any, ...]:
+        return (ChatState(), [], "", None, None, "") + self._buttons(True)
 
-    def http_bot(state: ChatState, model_name, temperature, top_p, max_new_tokens, keep_rate, sparse):
+    def http_bot(self, state: ChatState, model_name: str | None, temperature: float, top_p: float,
+                 max_new_tokens: int, keep_rate: float, sparse: bool) -> Iterator[tuple[Any, ...]]:
+        gr = self.gr
         if state.skip_next:
             state.skip_next = False
-            yield (state, chat_messages(state), gr.Image(), gr.Markdown()) + buttons(True)
+            yield (state, chat_messages(state), gr.Image(), gr.Markdown()) + self._buttons(True)
             return
         try:
-            for update in stream_answer(controller, state, model_name, temperature, top_p, max_new_tokens,
+            for update in stream_answer(self.controller, state, model_name, temperature, top_p, max_new_tokens,
                                         keep_rate, sparse):
                 overlay = update.overlay if update.done or update.stats is not None else gr.Image()
                 stats = gr.Markdown() if update.stats is None else update.stats
-                yield (update.state, chat_messages(update.state), overlay, stats) + buttons(update.done)
+                yield (update.state, chat_messages(update.state), overlay, stats) + self._buttons(update.done)
         except Exception as error:  # a bug here must not leave the page with its buttons disabled
             logger.exception("answer failed")
             state.turns[-1].answer, state.turns[-1].error = f"internal error in the web server: {error!r}", True
-            yield (state, chat_messages(state), None, "") + buttons(True)
+            yield (state, chat_messages(state), None, "") + self._buttons(True)
 
-    with gr.Blocks(title="Dynamic-LLaVA", analytics_enabled=False) as demo:
-        state = gr.State(ChatState())
-        gr.Markdown("# Dynamic-LLaVA\nLLaVA-1.5 chat with vision and output-token sparsification.")
+
+@dataclasses.dataclass
+class _Page:
+    """The page's components that events read or write (gradio components, hence `Any`)."""
+
+    state: Any
+    model_selector: Any
+    refresh_btn: Any
+    imagebox: Any
+    sparse: Any
+    keep_rate: Any
+    temperature: Any
+    top_p: Any
+    max_output_tokens: Any
+    chatbot: Any
+    textbox: Any
+    submit_btn: Any
+    regenerate_btn: Any
+    clear_btn: Any
+    overlay: Any
+    stats: Any
+
+    @property
+    def controls(self) -> list[Any]:
+        return [self.submit_btn, self.regenerate_btn, self.clear_btn]
+
+
+def _settings_column(gr: ModuleType, models: Sequence[str]) -> dict[str, Any]:
+    """Left: the model, the image, Dynamic-LLaVA's sparsity and the sampling parameters."""
+    with gr.Column(scale=3):
         with gr.Row():
-            with gr.Column(scale=3):
-                with gr.Row():
-                    model_selector = gr.Dropdown(choices=list(models), value=models[0] if models else None,
-                                                 label="Model", interactive=True, scale=4, elem_id="model")
-                    refresh_btn = gr.Button("Refresh", scale=1, min_width=60, elem_id="refresh-models")
-                imagebox = gr.Image(type="filepath", sources=["upload"], label="Image", elem_id="imagebox")
-                with gr.Accordion("Dynamic-LLaVA", open=True):
-                    sparse = gr.Checkbox(value=True, label="sparse (drop tokens)", elem_id="sparse")
-                    keep_rate = gr.Slider(0.05, 1.0, value=DEFAULT_VISION_KEEP_RATE, step=0.05,
-                                          label="vision keep rate", elem_id="keep-rate")
-                with gr.Accordion("Parameters", open=False, elem_id="parameters"):
-                    temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
-                    top_p = gr.Slider(0.1, 1.0, value=0.7, step=0.1, label="Top P")
-                    max_output_tokens = gr.Slider(16, 1024, value=512, step=16, label="Max output tokens",
-                                                  elem_id="max-tokens")
-            with gr.Column(scale=7):
-                chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy"],
-                                     feedback_options=None)
-                with gr.Row():
-                    textbox = gr.Textbox(show_label=False, placeholder="Ask about the image and press Enter",
-                                         container=False, scale=8, elem_id="textbox")
-                    submit_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
-                with gr.Row():
-                    regenerate_btn = gr.Button("Regenerate", elem_id="regenerate")
-                    clear_btn = gr.Button("Clear", elem_id="clear")
-            with gr.Column(scale=3):
-                overlay = gr.Image(label="Kept image patches (dropped: grey)", type="pil", interactive=False,
-                                   elem_id="overlay", format="png", buttons=["download", "fullscreen"])
-                stats = gr.Markdown(elem_id="stats")
+            model_selector = gr.Dropdown(choices=list(models), value=models[0] if models else None,
+                                         label="Model", interactive=True, scale=4, elem_id="model")
+            refresh_btn = gr.Button("Refresh", scale=1, min_width=60, elem_id="refresh-models")
+        imagebox = gr.Image(type="filepath", sources=["upload"], label="Image", elem_id="imagebox")
+        with gr.Accordion("Dynamic-LLaVA", open=True):
+            sparse = gr.Checkbox(value=True, label="sparse (drop tokens)", elem_id="sparse")
+            keep_rate = gr.Slider(0.05, 1.0, value=DEFAULT_VISION_KEEP_RATE, step=0.05,
+                                  label="vision keep rate", elem_id="keep-rate")
+        with gr.Accordion("Parameters", open=False, elem_id="parameters"):
+            temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
+            top_p = gr.Slider(0.1, 1.0, value=0.7, step=0.1, label="Top P")
+            max_output_tokens = gr.Slider(16, 1024, value=512, step=16, label="Max output tokens",
+                                          elem_id="max-tokens")
+    return {"model_selector": model_selector, "refresh_btn": refresh_btn, "imagebox": imagebox, "sparse": sparse,
+            "keep_rate": keep_rate, "temperature": temperature, "top_p": top_p,
+            "max_output_tokens": max_output_tokens}
 
-        controls = [submit_btn, regenerate_btn, clear_btn]
-        bot_inputs = [state, model_selector, temperature, top_p, max_output_tokens, keep_rate, sparse]
-        bot_outputs = [state, chatbot, overlay, stats, *controls]
-        for trigger in (textbox.submit, submit_btn.click):
-            trigger(add_text, [state, textbox, imagebox], [state, chatbot, textbox, imagebox, *controls],
-                    queue=False).then(http_bot, bot_inputs, bot_outputs, concurrency_limit=concurrency_count)
-        regenerate_btn.click(regenerate, [state], [state, chatbot, *controls], queue=False).then(
-            http_bot, bot_inputs, bot_outputs, concurrency_limit=concurrency_count)
-        clear_outputs = [state, chatbot, textbox, imagebox, overlay, stats, *controls]
-        clear_btn.click(clear, None, clear_outputs, queue=False)
-        chatbot.clear(clear, None, clear_outputs, queue=False)  # the chat's own trash button
-        sparse.change(lambda on: gr.Slider(interactive=on), [sparse], [keep_rate], queue=False)
-        refresh_btn.click(refresh_models, [model_selector], [model_selector], queue=False)
-        demo.load(load_demo, None, [model_selector], queue=False)
+
+def _chat_column(gr: ModuleType) -> dict[str, Any]:
+    """Middle: the chat, the question box and the buttons."""
+    with gr.Column(scale=7):
+        chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy"], feedback_options=None)
+        with gr.Row():
+            textbox = gr.Textbox(show_label=False, placeholder="Ask about the image and press Enter",
+                                 container=False, scale=8, elem_id="textbox")
+            submit_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+        with gr.Row():
+            regenerate_btn = gr.Button("Regenerate", elem_id="regenerate")
+            clear_btn = gr.Button("Clear", elem_id="clear")
+    return {"chatbot": chatbot, "textbox": textbox, "submit_btn": submit_btn, "regenerate_btn": regenerate_btn,
+            "clear_btn": clear_btn}
+
+
+def _answer_column(gr: ModuleType) -> dict[str, Any]:
+    """Right: what the last answer kept (the patch overlay) and its efficiency table."""
+    with gr.Column(scale=3):
+        overlay = gr.Image(label="Kept image patches (dropped: grey)", type="pil", interactive=False,
+                           elem_id="overlay", format="png", buttons=["download", "fullscreen"])
+        stats = gr.Markdown(elem_id="stats")
+    return {"overlay": overlay, "stats": stats}
+
+
+def _layout(gr: ModuleType, models: Sequence[str]) -> _Page:
+    """The page's components, inside the open `gr.Blocks`."""
+    state = gr.State(ChatState())
+    gr.Markdown("# Dynamic-LLaVA\nLLaVA-1.5 chat with vision and output-token sparsification.")
+    with gr.Row():
+        settings = _settings_column(gr, models)
+        chat = _chat_column(gr)
+        answer = _answer_column(gr)
+    return _Page(state=state, **settings, **chat, **answer)
+
+
+def _connect(gr: ModuleType, demo: Any, page: _Page, handlers: _Handlers, concurrency_count: int) -> None:
+    """Wire the events: a question (Enter or Send) or Regenerate, then the streamed answer; Clear; settings."""
+    controls = page.controls
+    bot_inputs = [page.state, page.model_selector, page.temperature, page.top_p, page.max_output_tokens,
+                  page.keep_rate, page.sparse]
+    bot_outputs = [page.state, page.chatbot, page.overlay, page.stats, *controls]
+    for trigger in (page.textbox.submit, page.submit_btn.click):
+        trigger(handlers.add_text, [page.state, page.textbox, page.imagebox],
+                [page.state, page.chatbot, page.textbox, page.imagebox, *controls], queue=False
+                ).then(handlers.http_bot, bot_inputs, bot_outputs, concurrency_limit=concurrency_count)
+    page.regenerate_btn.click(handlers.regenerate, [page.state], [page.state, page.chatbot, *controls],
+                              queue=False).then(handlers.http_bot, bot_inputs, bot_outputs,
+                                                concurrency_limit=concurrency_count)
+    clear_outputs = [page.state, page.chatbot, page.textbox, page.imagebox, page.overlay, page.stats, *controls]
+    page.clear_btn.click(handlers.clear, None, clear_outputs, queue=False)
+    page.chatbot.clear(handlers.clear, None, clear_outputs, queue=False)  # the chat's own trash button
+    page.sparse.change(lambda on: gr.Slider(interactive=on), [page.sparse], [page.keep_rate], queue=False)
+    page.refresh_btn.click(handlers.refresh_models, [page.model_selector], [page.model_selector], queue=False)
+    demo.load(handlers.load_demo, None, [page.model_selector], queue=False)
+
+
+def build_demo(controller: str, models: Sequence[str], model_list_mode: str, concurrency_count: int) -> Any:
+    """The chat page (a `gr.Blocks`), talking to `controller`."""
+    _quiet_gradio()
+    import gradio as gr
+
+    handlers = _Handlers(gr, controller, models, model_list_mode)
+    with gr.Blocks(title="Dynamic-LLaVA", analytics_enabled=False) as demo:
+        _connect(gr, demo, _layout(gr, models), handlers, concurrency_count)
     return demo
 
 
