@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (issue 21): versions, `pytest -m gpu tests/test_gpu.py`, then the benchmarks on
-# cuda, each step under its own timeout and within a total budget (GPU_CHECK_BUDGET_S, default 540 s);
+# The GPU checks in one run (issue 21): versions, `pytest -m gpu` (tests/test_gpu.py and the compiled
+# FlexAttention masked softmax), then the benchmarks on cuda: the training step at 7B layer shapes (dense vs
+# masked vs flex-masked) first, as the newest, then prefill and decode; each step under its own timeout
+# and within a total budget (GPU_CHECK_BUDGET_S, default 540 s);
 # a failed step does not stop the later ones. Everything goes to OUT_DIR/log.txt, one line per step to
 # OUT_DIR/summary.txt, the benchmarks' JSON to OUT_DIR/*.json.
 #
@@ -82,14 +84,18 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 step install 90 "$PYTHON" -m pip install --no-deps -e .
-step pytest-gpu 150 "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -rs tests/test_gpu.py
+step pytest-gpu 210 "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -rs tests/test_gpu.py \
+    tests/test_flex_masked_attention.py
+# 8 of 7B's layers (6 masked), batch 8 with gradient checkpointing as scripts/train_dynamic_llava_7b.sh;
+# the warm-up step compiles flex-masked's kernels
+step train-7b 180 "${DL[@]}" bench train --shape llava-1.5-7b --layers 8 --batch-size 8 --gradient-checkpointing \
+    --modes dense,masked,flex-masked --dtype bf16 --device cuda --repeats 5 --json "$OUT/train_7b.json"
 step prefill-7b-bs1 75 "${DL[@]}" bench prefill --shape llava-1.5-7b --dtype bfloat16 --device cuda \
     --batch-size 1 --repeats 5 --json "$OUT/prefill_bs1.json"
 step prefill-7b-bs8 75 "${DL[@]}" bench prefill --shape llava-1.5-7b --dtype bfloat16 --device cuda \
     --batch-size 8 --repeats 3 --json "$OUT/prefill_bs8.json"
 step decode-7b-bs1 100 "${DL[@]}" bench decode --shape llava-1.5-7b --dtype bfloat16 --device cuda \
     --batch-size 1 --lengths 1024,2048,4096 --check-length 64 --no-cache-lengths "" --json "$OUT/decode_bs1.json"
-step train-mid 60 "${DL[@]}" bench train --shape mid --dtype bf16 --device cuda --json "$OUT/train_mid.json"
 
 say "== summary (${SECONDS}s in all)"
 tee -a "$LOG" < "$SUMMARY"

@@ -1,5 +1,6 @@
 """`dynamic-llava bench train`: time and peak memory of one training step (forward + backward),
-dense LLaVA vs Dynamic-LLaVA's masked-softmax training vs the same maths written with plain autograd.
+dense LLaVA vs Dynamic-LLaVA's masked-softmax training (blocked, FlexAttention) vs the same maths written
+with plain autograd.
 
 Modes, each in its own subprocess so that none sees another's allocations:
 
@@ -9,13 +10,18 @@ Modes, each in its own subprocess so that none sees another's allocations:
   the later layers, keep-rate loss;
 - `naive-masked`: the same, with the decoder's masked-softmax call swapped (in that subprocess only)
   for `naive_masked_attention`, the reference's formula on autograd, which keeps several
-  [B, H, T, T] tensors per layer for backward.
+  [B, H, T, T] tensors per layer for backward;
+- `flex-masked`: the same, with `--masked_attention flex` (`flex_masked_softmax_attention`): compiled
+  FlexAttention kernels on CUDA (the warm-up step compiles them); elsewhere flex's unfused math path,
+  which materialises the scores like naive-masked. Left out, with a note, where torch has no FlexAttention.
+
+`--modes` picks some of them (dense, the baseline of the ratios, always runs).
 
 The step is `model(input_ids, labels, attention_mask, images)` under CPU autocast (bf16, as Trainer
 does, fp32 master weights) and `loss.backward()` outside it; the optimizer is not part of the step
 (its cost and state do not depend on the mode); gradients are set to None between steps, as Trainer
-does. Every step reseeds torch, so masked and naive-masked draw the same Gumbel noise and must give
-the same loss. The modes' steps are interleaved (one warm-up round, then `--repeats` rounds of one step
+does. Every step reseeds torch, so the masked modes draw the same Gumbel noise and must give the
+same loss. The modes' steps are interleaved (one warm-up round, then `--repeats` rounds of one step
 per mode in rotating order; one process computes at a time), so a busy spell on this shared machine
 hits every mode alike; each step also records its CPU seconds per wall second, which drop below the
 thread count when other jobs compete. After each step a worker hands its freed heap back to the OS
@@ -55,16 +61,15 @@ import torch
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..errors import UserError, run_command
-from ..model import decoder
 from ..model.config import DynamicLlavaConfig, SparseConfig
+from ..model.flex_masked_attention import flex_attention_available
 from ..model.llava import DynamicLlavaForCausalLM
-from ..model.masked_attention import masked_softmax_attention
-from ..model.sparsity_training import SparsityTraining
+from ..model.sparsity_training import SparsityTraining, masked_attention_function, use_masked_attention
 from .device import add_device_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device, timed
 from .output import write_json
 from .shapes import SHAPES, VOCAB, Shape
 
-MODES = ("dense", "masked", "naive-masked")
+MODES = ("dense", "masked", "naive-masked", "flex-masked")
 REFERENCE_EPS = 1e-6  # the reference's masked softmax: (w + eps / T) / (sum w + eps)
 PROMPT_PREFIX = 35  # BOS + v1.5 system prompt + " USER:", then <image>, then the rest of the prompt
 _MIB = 2**20
@@ -108,17 +113,24 @@ def naive_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     return torch.matmul(p.to(v.dtype), v)
 
 
-def _count_attention_calls(implementation: Callable[..., torch.Tensor]) -> list[int]:
-    """Make the decoder's masked-softmax call go to `implementation` in this process, counting calls."""
-    if not callable(getattr(decoder, "masked_softmax_attention", None)):
-        raise RuntimeError("dynamic_llava.model.decoder no longer calls masked_softmax_attention: update this bench")
+def _attention_of(mode: str) -> Callable[..., torch.Tensor]:
+    """The masked-softmax implementation a mode trains with (dense: the default one, never called)."""
+    if mode == "naive-masked":
+        return naive_masked_attention
+    return masked_attention_function("flex" if mode == "flex-masked" else "blocked")
+
+
+def _count_attention_calls(model: DynamicLlavaForCausalLM, implementation: Callable[..., torch.Tensor]
+                           ) -> list[int]:
+    """Make the model's decoder layers train with `implementation`, counting calls."""
     calls = [0]
 
     def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls[0] += 1
         return implementation(*args, **kwargs)
 
-    decoder.masked_softmax_attention = counted
+    if use_masked_attention(model, counted) == 0:
+        raise RuntimeError("the model has no decoder attention to train with a masked softmax: update this bench")
     return calls
 
 
@@ -222,8 +234,7 @@ class ModeRunner:
         self.model = build_training_model(config)
         if mode != "dense":
             self.model.sparsity_training = SparsityTraining(tau=1.0)
-        implementation = naive_masked_attention if mode == "naive-masked" else masked_softmax_attention
-        self.calls = _count_attention_calls(implementation)
+        self.calls = _count_attention_calls(self.model, _attention_of(mode))
         self.batch = make_batch(config, _shape(config).vision)
         gc.collect()
         self.load_peak_kib, self.baseline_kib = _status_kib("VmHWM"), _status_kib("VmRSS")
@@ -310,18 +321,18 @@ class _Worker:
         return None
 
 
-def measure_modes(config: StepConfig) -> dict[str, dict[str, Any]]:
-    """All modes side by side: one worker process each (built one after the other), then 1 warm-up +
+def measure_modes(config: StepConfig, modes: tuple[str, ...] = MODES) -> dict[str, dict[str, Any]]:
+    """The modes side by side: one worker process each (built one after the other), then 1 warm-up +
     `repeats` rounds in which every mode runs one step, the order rotating each round, so that a busy
     spell on the machine hits all modes alike. Only one process computes at a time."""
     workers = {}
-    for mode in MODES:
+    for mode in modes:
         worker = _Worker(mode, config)
         if worker.request(None) == "ready":  # wait: builds must not overlap each other's steps
             workers[mode] = worker
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for r in range(1 + config.repeats):
-        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
         line = []
         for mode in order:
             worker = workers.get(mode)
@@ -333,7 +344,7 @@ def measure_modes(config: StepConfig) -> dict[str, dict[str, Any]]:
                 line.append(f"{mode} {reply['seconds']:.2f} s")
         print(f"  {'warm-up' if r == 0 else f'round {r}/{config.repeats}'}: {', '.join(line)}", flush=True)
     results = {}
-    for mode in MODES:
+    for mode in modes:
         worker = workers.get(mode)
         summary = worker.request("done") if worker is not None and worker.error is None else None
         if worker is not None:
@@ -384,6 +395,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode, after one warm-up step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default=None,
+                        help=f"comma-separated, of {', '.join(MODES)} (default: all; flex-masked only where torch "
+                             "has FlexAttention); dense always runs")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (at the end)")
     add_device_argument(parser)
 
@@ -398,10 +412,11 @@ def run(args: argparse.Namespace) -> int:
     for name, low in (("batch_size", 1), ("repeats", 1), ("prompt_text_tokens", 1), ("answer_tokens", 1)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
+    modes = _modes(args.modes)
     config = StepConfig(args.shape, layers, args.batch_size, args.prompt_text_tokens, args.answer_tokens,
                         args.dtype, args.gradient_checkpointing, args.repeats, args.seed, str(device))
     n_params = parameter_count(_shape(config))
-    _check_memory(n_params, args.shape, device)
+    _check_memory(n_params, args.shape, device, len(modes))
     image_tokens = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2
     text_tokens = args.prompt_text_tokens + args.answer_tokens
     print(f"bench train: {args.shape} ({layers} layers, {n_params / 1e6:.0f} M parameters), {args.dtype}, "
@@ -409,14 +424,14 @@ def run(args: argparse.Namespace) -> int:
           f"({args.answer_tokens}-token answer), gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, {torch.get_num_threads()} threads; "
           "one subprocess per mode, steps interleaved", flush=True)
-    modes = measure_modes(config)
-    dense = modes["dense"]
+    measured = measure_modes(config, modes)
+    dense = measured["dense"]
     ratios = {mode: {"step_seconds": r["step_seconds"] / dense["step_seconds"],
                      "step_seconds_min": r["step_seconds_min"] / dense["step_seconds_min"],
                      "peak_increase": r["peak_increase_mib"] / dense["peak_increase_mib"]}
-              for mode, r in modes.items() if "error" not in r and "error" not in dense}
+              for mode, r in measured.items() if "error" not in r and "error" not in dense}
     result: dict[str, Any] = {
-        "modes": modes, "ratios_to_dense": ratios, **asdict(config), "parameters": n_params,
+        "modes": measured, "ratios_to_dense": ratios, **asdict(config), "parameters": n_params,
         "image_tokens": image_tokens, "text_tokens": text_tokens, "sequence_tokens": image_tokens + text_tokens,
         "step": f"forward ({device.type} autocast if bf16) + loss.backward(); optimizer excluded; grads set to None "
                 "between steps",
@@ -429,10 +444,26 @@ def run(args: argparse.Namespace) -> int:
     _print_table(result)
     if args.json is not None:
         write_json(args.json, result)
-    return 1 if any("error" in r for r in modes.values()) else 0
+    return 1 if any("error" in r for r in measured.values()) else 0
 
 
-def _check_memory(n_params: int, shape: str, device: torch.device) -> None:
+def _modes(spec: str | None) -> tuple[str, ...]:
+    """--modes in MODES' order, dense included; by default all, less flex-masked where torch has no FlexAttention."""
+    if spec is None:
+        if flex_attention_available():
+            return MODES
+        print(f"flex-masked left out: torch {torch.__version__} has no FlexAttention (AuxRequest)", flush=True)
+        return tuple(mode for mode in MODES if mode != "flex-masked")
+    asked = {mode.strip() for mode in spec.split(",") if mode.strip()}
+    unknown = sorted(asked - set(MODES))
+    if unknown:
+        raise UserError(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")
+    if "flex-masked" in asked:
+        masked_attention_function("flex")  # UserError where torch has no FlexAttention
+    return tuple(mode for mode in MODES if mode in asked | {"dense"})
+
+
+def _check_memory(n_params: int, shape: str, device: torch.device, n_modes: int) -> None:
     """Every mode's fp32 weights (the workers live side by side) + one set of fp32 gradients must fit,
     before any activation (in the GPU's free memory on CUDA)."""
     if device.type == "cuda":
@@ -440,9 +471,9 @@ def _check_memory(n_params: int, shape: str, device: torch.device) -> None:
     else:
         with open("/proc/meminfo") as meminfo:
             available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    needed = n_params * 4 * (len(MODES) + 1)
+    needed = n_params * 4 * (n_modes + 1)
     if needed > 0.8 * available:
-        raise UserError(f"{shape}: {len(MODES)} copies of the fp32 weights + gradients need {needed / 2**30:.1f} GiB, "
+        raise UserError(f"{shape}: {n_modes} copies of the fp32 weights + gradients need {needed / 2**30:.1f} GiB, "
                         f"{available / 2**30:.1f} GiB available: use fewer --layers")
 
 
@@ -451,8 +482,9 @@ def _print_table(r: dict[str, Any]) -> None:
           f"{r['sequence_tokens']} tokens per sample, gradient checkpointing "
           f"{'on' if r['gradient_checkpointing'] else 'off'}: median of {r['repeats']} steps after a warm-up "
           f"(forward + backward, optimizer excluded)")
+    gpu = any("peak_gpu_memory_bytes_runs" in m for m in r["modes"].values())  # CUDA: the memory that matters
     print(f"{'mode':14}{'step s':>9}{'x dense':>9}{'peak MiB +':>12}{'x dense':>9}{'peak MiB':>10}{'loss':>9}"
-          f"{'cpu/wall':>10}")
+          f"{'cpu/wall':>10}" + (f"{'GPU GiB':>9}" if gpu else ""))
     for mode, m in r["modes"].items():
         if "error" in m:
             print(f"{mode:14}  failed: {m['error']}")
@@ -461,12 +493,13 @@ def _print_table(r: dict[str, Any]) -> None:
         fmt = lambda key: f"{ratio[key]:.2f}" if key in ratio else "-"  # noqa: E731
         print(f"{mode:14}{m['step_seconds']:>9.2f}{fmt('step_seconds'):>9}{m['peak_increase_mib']:>12.0f}"
               f"{fmt('peak_increase'):>9}{m['peak_rss_mib']:>10.0f}{m['first_step']['loss']:>9.3f}"
-              f"{statistics.median(m['cpu_per_wall_runs']):>10.2f}")
+              f"{statistics.median(m['cpu_per_wall_runs']):>10.2f}"
+              + (f"{max(m['peak_gpu_memory_bytes_runs']) / 2**30:>9.2f}" if gpu else ""))
     ok = [m for m in r["modes"].values() if "error" not in m]
     if ok:
         print(f"peak MiB + = resident-set peak of the steps over the resident set before them (includes "
-              f"{ok[0]['gradient_mib']:.0f} MiB of fp32 gradients); loss = first step's (masked and naive-masked "
-              "draw the same Gumbel noise); cpu/wall = CPU seconds per wall second of the steps "
+              f"{ok[0]['gradient_mib']:.0f} MiB of fp32 gradients); loss = first step's (the masked modes draw "
+              "the same Gumbel noise); cpu/wall = CPU seconds per wall second of the steps "
               f"(at most {r['threads']}: lower when other jobs compete for the cores)")
     if r["ratios_to_dense"]:
         print("same ratios from the fastest step of each mode (other jobs only ever add time): "

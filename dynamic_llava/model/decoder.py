@@ -7,6 +7,8 @@ so physically dropped tokens keep their original RoPE positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        # forward_train's masked softmax: this one ("blocked") unless use_masked_attention picks another
+        self.masked_attention: Callable[..., torch.Tensor] = masked_softmax_attention
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +153,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
         out = (_sdpa(q, k, v, None, causal=True) if keep is None
-               else masked_softmax_attention(q, k, v, keep, key_valid))
+               else self.masked_attention(q, k, v, keep, key_valid))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

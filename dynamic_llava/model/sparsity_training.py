@@ -9,14 +9,20 @@ Everything else is kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..constants import IGNORE_INDEX
+from ..errors import UserError
 from .batch import IMAGE, TokenBatch
 from .config import SparseConfig
+from .decoder import Attention
+from .flex_masked_attention import flex_attention_available, flex_masked_softmax_attention
+from .masked_attention import masked_softmax_attention
 from .policy import image_token_index
 from .predictors import ImageScorePredictor, TokenScorePredictor
 
@@ -27,6 +33,32 @@ class SparsityTraining:
     temperature (the trainer lowers it every optimiser step, see `gumbel_tau`)."""
 
     tau: float = 1.0
+
+
+# Implementations of the masked-softmax attention the later layers train with (`--masked_attention`):
+# "blocked" (masked_attention.py: score blocks recomputed in backward, any device) or "flex"
+# (flex_masked_attention.py: FlexAttention, fused kernels on CUDA; same values and gradients).
+MASKED_ATTENTION = ("blocked", "flex")
+
+
+def masked_attention_function(name: str) -> Callable[..., torch.Tensor]:
+    """The implementation called `name` (one of MASKED_ATTENTION); UserError if this torch lacks it."""
+    if name == "blocked":
+        return masked_softmax_attention
+    if name != "flex":
+        raise UserError(f"masked attention must be one of {', '.join(MASKED_ATTENTION)}, got {name!r}")
+    if not flex_attention_available():
+        raise UserError(f"masked attention 'flex' needs torch.nn.attention.flex_attention with AuxRequest "
+                        f"(torch >= 2.9); this is torch {torch.__version__}: use 'blocked'")
+    return flex_masked_softmax_attention
+
+
+def use_masked_attention(model: nn.Module, implementation: Callable[..., torch.Tensor]) -> int:
+    """Make every decoder attention of `model` train with `implementation`; returns how many there are."""
+    attentions = [module for module in model.modules() if isinstance(module, Attention)]
+    for attention in attentions:
+        attention.masked_attention = implementation
+    return len(attentions)
 
 
 def gumbel_tau(step: int, total_steps: int, start: float, end: float) -> float:

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from ..errors import UserError
+from ..model.sparsity_training import MASKED_ATTENTION, masked_attention_function
 
 # Later transformers 5 releases renamed --gradient_checkpointing(_kwargs) to --activation_checkpointing(_kwargs)
 # and warn on the old names, which LLaVA's scripts use; 5.0 knows only the old ones.
@@ -55,6 +56,14 @@ class SparseArguments:
     mask_loss_weight: float = field(default=100.0, metadata={"help": "weight of the keep-rate regulariser"})
     gumbel_start_tau: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at step 0"})
     gumbel_end_tau: float = field(default=0.1, metadata={"help": "temperature at the last step (exponential decay)"})
+    masked_attention: str = field(default="blocked", metadata={
+        "choices": list(MASKED_ATTENTION),
+        "help": "masked-softmax attention of the layers from sparse_layer on: blocked (score blocks recomputed in "
+                "backward, any device) or flex (FlexAttention, fused kernels on CUDA, torch >= 2.9; the same values "
+                "and gradients)"})
+
+    def __post_init__(self) -> None:
+        masked_attention_function(self.masked_attention)  # this torch lacks flex: UserError before any work
 
     def sparse_config(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in (

@@ -22,7 +22,7 @@ import transformers
 from ..errors import UserError, require_extra
 from ..model.checkpoint_files import save_torch_state, write_llava_config
 from ..model.llava import DynamicLlavaForCausalLM
-from ..model.sparsity_training import SparsityTraining
+from ..model.sparsity_training import SparsityTraining, masked_attention_function, use_masked_attention
 from .arguments import ModelArguments, SparseArguments, TrainingArguments
 from .dataset import DataArguments, check_data_args, make_supervised_data_module
 from .model_setup import add_lora, build_model, check_model_args, set_trainable
@@ -68,6 +68,11 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
     model, tokenizer, image_processor = build_model(model_args, training_args, data_args.image_aspect_ratio,
                                                     sparse_args if sparse else None)
     model.sparsity_training = SparsityTraining(sparse_args.gumbel_start_tau) if sparse else None
+    use_masked_attention(model, masked_attention_function(sparse_args.masked_attention))
+    if sparse and sparse_args.masked_attention == "flex" and training_args.device.type != "cuda":
+        warnings.warn("--masked_attention flex has fused kernels only on CUDA; on "
+                      f"{training_args.device.type} it runs FlexAttention's unfused math path, which keeps "
+                      "[B, H, T, T] scores per layer (use blocked there)", stacklevel=2)
     set_trainable(model, model_args, training_args, sparse)
     data_args.is_multimodal = True
     data_module = make_supervised_data_module(tokenizer, data_args, image_processor,
