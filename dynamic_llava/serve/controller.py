@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DISPATCH_METHODS = ("shortest_queue", "lottery")
 _BODY_LIMIT = 100_000_000  # generation requests carry base64 images; workers apply their own limits
+_REQUEST_LIMIT = 1_000_000  # bytes of any other request's JSON
 
 
 @dataclass
@@ -188,32 +189,53 @@ async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
         await response.aclose()
 
 
-def create_app(controller: Controller) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await controller.client.aclose()
+def _error_response(error: ServeError) -> Response:
+    return JSONResponse({"text": error.message, "error_code": int(error.code)}, status_code=error.code.status)
 
-    app = FastAPI(title="Dynamic-LLaVA controller", lifespan=lifespan)
 
-    async def body(request: Request, limit: int = 1_000_000) -> dict[str, Any]:
-        return await read_json(request, limit)
+def _registering_worker(data: dict[str, Any]) -> str:
+    """The worker address a `register_worker` request names."""
+    name = data.get("worker_name")
+    if not isinstance(name, str) or not name.startswith(("http://", "https://")):
+        raise ServeError(ErrorCode.BAD_REQUEST, "worker_name must be the worker's http(s) address")
+    return name
 
-    def error_response(error: ServeError) -> Response:
-        return JSONResponse({"text": error.message, "error_code": int(error.code)}, status_code=error.code.status)
 
+def _requested_model(data: dict[str, Any]) -> str:
+    model = data.get("model")
+    if not isinstance(model, str):
+        raise ServeError(ErrorCode.BAD_REQUEST, "model must be a string")
+    return model
+
+
+def _heart_beat(data: dict[str, Any]) -> tuple[str, int]:
+    """The worker and its queue length in a `receive_heart_beat` request."""
+    name, queue = data.get("worker_name"), data.get("queue_length", 0)
+    if not isinstance(name, str) or isinstance(queue, bool) or not isinstance(queue, int):
+        raise ServeError(ErrorCode.BAD_REQUEST, "expected worker_name (string) and queue_length (integer)")
+    return name, queue
+
+
+def _worker_rows(controller: Controller) -> list[dict[str, Any]]:
+    """`list_workers`: each live worker, with the seconds since its last heartbeat."""
+    now = time.monotonic()
+    return [{"name": name, "model_names": info.model_names, "speed": info.speed, "queue_length": info.queue_length,
+             "heart_beat_age": round(now - info.last_heart_beat, 3)}
+            for name, info in controller.live_workers().items()]
+
+
+def _add_registry_routes(app: FastAPI, controller: Controller) -> None:
+    """Workers register and send heartbeats; clients list the models and workers and ask for an address."""
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Response:
         try:
-            data = await body(request)
-            name = data.get("worker_name")
-            if not isinstance(name, str) or not name.startswith(("http://", "https://")):
-                raise ServeError(ErrorCode.BAD_REQUEST, "worker_name must be the worker's http(s) address")
+            data = await read_json(request, _REQUEST_LIMIT)
+            name = _registering_worker(data)
             ok = await controller.register_worker(name, data.get("check_heart_beat", True), data.get("worker_status"))
         except ServeError as error:
-            return error_response(error)
+            return _error_response(error)
         if not ok:
-            return error_response(ServeError(ErrorCode.WORKER_LOST, f"worker {name} did not answer its status"))
+            return _error_response(ServeError(ErrorCode.WORKER_LOST, f"worker {name} did not answer its status"))
         return JSONResponse({"registered": True})
 
     @app.post("/refresh_all_workers")
@@ -227,36 +249,31 @@ def create_app(controller: Controller) -> FastAPI:
 
     @app.post("/list_workers")
     async def list_workers() -> dict[str, Any]:
-        now = time.monotonic()
-        return {"workers": [{"name": name, "model_names": info.model_names, "speed": info.speed,
-                             "queue_length": info.queue_length, "heart_beat_age": round(now - info.last_heart_beat, 3)}
-                            for name, info in controller.live_workers().items()]}
+        return {"workers": _worker_rows(controller)}
 
     @app.post("/get_worker_address")
     async def get_worker_address(request: Request) -> Response:
         try:
-            model = (await body(request)).get("model")
-            if not isinstance(model, str):
-                raise ServeError(ErrorCode.BAD_REQUEST, "model must be a string")
+            model = _requested_model(await read_json(request, _REQUEST_LIMIT))
         except ServeError as error:
-            return error_response(error)
+            return _error_response(error)
         return JSONResponse({"address": controller.get_worker_address(model)})
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request) -> Response:
         try:
-            data = await body(request)
-            name, queue = data.get("worker_name"), data.get("queue_length", 0)
-            if not isinstance(name, str) or isinstance(queue, bool) or not isinstance(queue, int):
-                raise ServeError(ErrorCode.BAD_REQUEST, "expected worker_name (string) and queue_length (integer)")
+            name, queue = _heart_beat(await read_json(request, _REQUEST_LIMIT))
         except ServeError as error:
-            return error_response(error)
+            return _error_response(error)
         return JSONResponse({"exist": controller.receive_heart_beat(name, queue)})
 
+
+def _add_worker_api_routes(app: FastAPI, controller: Controller) -> None:
+    """A model worker's own API, answered for all of them: generation proxied to one, status summed."""
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
         try:
-            response = await controller.open_stream(await body(request, _BODY_LIMIT))
+            response = await controller.open_stream(await read_json(request, _BODY_LIMIT))
         except ServeError as error:
             return Response(error_chunk(error), status_code=error.code.status)
         return StreamingResponse(_relay(response), status_code=response.status_code,
@@ -266,6 +283,16 @@ def create_app(controller: Controller) -> FastAPI:
     async def worker_get_status() -> dict[str, Any]:
         return await controller.worker_get_status()
 
+
+def create_app(controller: Controller) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await controller.client.aclose()  # the connections to the workers, at shutdown
+
+    app = FastAPI(title="Dynamic-LLaVA controller", lifespan=lifespan)
+    _add_registry_routes(app, controller)
+    _add_worker_api_routes(app, controller)
     return app
 
 
