@@ -84,8 +84,8 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 step install 90 "$PYTHON" -m pip install --no-deps -e .
-step pytest-gpu 210 "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -rs tests/test_gpu.py \
-    tests/test_flex_masked_attention.py
+step pytest-gpu 220 "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -rs tests/test_gpu.py \
+    tests/test_flex_masked_attention.py tests/test_attention_kernels.py
 # 8 of 7B's layers (6 masked), batch 8 with gradient checkpointing as scripts/train_dynamic_llava_7b.sh;
 # the warm-up step compiles flex-masked's kernels
 step train-7b 180 "${DL[@]}" bench train --shape llava-1.5-7b --layers 8 --batch-size 8 --gradient-checkpointing \
