@@ -33,7 +33,7 @@ NEW_TOKENS = 4
 
 def test_the_recorder_names_the_kernel_sdpa_picked() -> None:
     q = k = v = torch.randn(1, 2, 8, 16)
-    run = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    run = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     with sdpa_kernel(SDPBackend.MATH):
         assert attention_kernels(run) == {FALLBACK: 1}
     fused = attention_kernels(run)

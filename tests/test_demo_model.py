@@ -16,8 +16,8 @@ from dynamic_llava.data.score_synth import score
 from dynamic_llava.demo.export import BUNDLED_MODEL, BUNDLED_SAMPLES, SAMPLE_QUESTIONS
 from dynamic_llava.eval.io import read_jsonl
 from dynamic_llava.generation import GenerationConfig, generate
-from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.model.checkpoint_files import open_tokenizer
+from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.prompting import prepare_request
 from dynamic_llava.train.preprocess import PromptFormat, preprocess
 

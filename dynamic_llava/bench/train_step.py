@@ -169,7 +169,9 @@ def build_training_model(config: StepConfig) -> DynamicLlavaForCausalLM:
 
     model = build_model(_shape(config), torch.float32, config.seed, config.device).train()
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable()  # what Trainer calls (gradient_checkpointing_enable: deprecated alias)
+        # What Trainer calls: activation_checkpointing_enable where transformers has it (gradient_checkpointing_enable
+        # became its deprecated alias), gradient_checkpointing_enable in the 5.x releases before
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     return model
 
 
