@@ -11,6 +11,7 @@ import contextlib
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,105 @@ def _merge_lora(model: DynamicLlavaForCausalLM, path: Path) -> DynamicLlavaForCa
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
+@dataclass
+class _Checkpoint:
+    """A folder to load: its layout and configs and, for a LoRA or projector-only folder, the base LLM."""
+
+    path: Path
+    base: Path | None
+    layout: str
+    config: DynamicLlavaConfig
+    vision_config: CLIPVisionConfig | None  # llava-hf folders only
+    saved_dtype: str | None  # config.json's torch_dtype
+    is_lora: bool
+
+    @property
+    def llm_dir(self) -> Path:
+        """The folder with the LLM's weights and tokenizer."""
+        return self.base or self.path
+
+
+def _read_checkpoint(model_path: str | Path, model_base: str | Path | None) -> _Checkpoint:
+    path = resolve_local(model_path, "checkpoint")
+    base = resolve_local(model_base, "base model") if model_base is not None else None
+    layout, config, vision_config, raw = read_checkpoint_config(path)
+    return _Checkpoint(path, base, layout, config, vision_config, raw.get("torch_dtype", raw.get("dtype")),
+                       is_lora=(path / "adapter_config.json").is_file())
+
+
+def _check_base(ckpt: _Checkpoint) -> None:
+    """A base LLM is given exactly when the folder needs one (LoRA) or can take one (projector only)."""
+    path, base = ckpt.path, ckpt.base
+    if ckpt.is_lora and base is None:
+        raise UserError(f"{path} is a LoRA checkpoint (adapter_config.json); pass its base LLM as model_base")
+    if base is not None and not ckpt.is_lora and not (path / "mm_projector.bin").is_file():
+        raise UserError(f"model_base was given but {path} has neither adapter_config.json (LoRA) "
+                        "nor mm_projector.bin (projector only)")
+    if ckpt.layout == HF and base is not None:
+        raise UserError(f"{path} is a llava-hf checkpoint; model_base applies to LLaVA-layout folders only")
+
+
+def _empty_model(ckpt: _Checkpoint, dtype: torch.dtype, device: torch.device,
+                 devices: Sequence[str | torch.device] | None) -> DynamicLlavaForCausalLM:
+    """The model, uninitialised, on `device` or split over `devices` (never whole on one of them)."""
+    check_fits_memory(ckpt.config, ckpt.llm_dir, dtype, device)
+    with empty_init(torch.device("meta") if devices else device, dtype):
+        model = DynamicLlavaForCausalLM(ckpt.config)
+    if devices:
+        model.place_layers(devices)  # materialised part by part on its device, uninitialised until loaded
+    return model
+
+
+def _load_weights(model: DynamicLlavaForCausalLM, ckpt: _Checkpoint) -> tuple[StateDict, bool]:
+    """Copy the checkpoint's weights into `model` (LoRA trainables or the projector over a base's; a UserError
+    when any but the predictors are missing): the CLIP tower's weights found on the way (llava-hf folders hold
+    them), and whether the checkpoint has predictor weights."""
+    loader = _WeightLoader(model)
+    tower_state: StateDict = {}
+    for shard in iter_shards(ckpt.llm_dir):
+        llm, tower = llava_names(shard, LLAVA if ckpt.base else ckpt.layout)
+        loader.load(llm)
+        tower_state.update(tower)
+    if ckpt.base is not None:
+        extra = _lora_trainables(ckpt.path) if ckpt.is_lora else read_state_file(ckpt.path / "mm_projector.bin")
+        loader.load(extra)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    return tower_state, check_keys(expected, loader.found, ckpt.llm_dir)
+
+
+def _init_missing_predictors(model: DynamicLlavaForCausalLM, path: Path, sparse: bool | None) -> None:
+    model.reinit_predictors()
+    if sparse is not False:  # a dense load never runs them: nothing to warn about
+        warnings.warn(f"{path} has no Dynamic-LLaVA predictor weights: they are freshly initialised "
+                      "(the starting point for sparsification training; use sparse=False for dense LLaVA-1.5)",
+                      stacklevel=3)  # at load_pretrained_model's caller
+
+
+def _attach_vision(model: DynamicLlavaForCausalLM, ckpt: _Checkpoint, tower_state: StateDict, own_tower: bool,
+                   device: torch.device, dtype: torch.dtype) -> CLIPImageProcessor:
+    """Give `model` its CLIP tower: the llava-hf folder's own (`own_tower`), else `mm_vision_tower`'s; the
+    image processor beside it."""
+    if own_tower:
+        _attach_tower(model, build_clip(ckpt.vision_config, tower_state, ckpt.path, device, dtype))
+        return load_image_processor(ckpt.path)
+    tower_path = resolve_vision_tower(ckpt.config.mm_vision_tower, ckpt.path)
+    _attach_tower(model, load_clip(tower_path, device, dtype))
+    return load_image_processor(tower_path)
+
+
+def _set_sparsity(model: DynamicLlavaForCausalLM, path: Path, sparse: bool | None, overrides: dict[str, Any]) -> None:
+    model.sparsity_options = SparsityOptions.from_overrides(sparse, **overrides)
+    if model.sparse.use_instruct_predictor and model.sparsity_options.sparse:
+        warnings.warn(f"{path} was trained with the instruction predictor (sparse_config use_instruct_predictor: "
+                      "true, the paper's ablation), which this implementation does not run: every instruction "
+                      "token is kept, so answers can differ from the reference's",
+                      stacklevel=3)  # at load_pretrained_model's caller
+
+
+def _context_length(config: DynamicLlavaConfig) -> int:
+    return int(getattr(config, "max_sequence_length", None) or config.max_position_embeddings or 2048)
+
+
 def load_pretrained_model(
     model_path: str | Path,
     model_base: str | Path | None = None,
@@ -233,62 +333,25 @@ def load_pretrained_model(
     if devices is not None and len(devices) == 0:
         raise UserError("devices must name at least one device")
     device = torch.device(devices[0] if devices else device)
-    path = resolve_local(model_path, "checkpoint")
-    base = resolve_local(model_base, "base model") if model_base is not None else None
-    layout, config, vision_config, raw = read_checkpoint_config(path)
-    torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
-    is_lora = (path / "adapter_config.json").is_file()
-    if is_lora and base is None:
-        raise UserError(f"{path} is a LoRA checkpoint (adapter_config.json); pass its base LLM as model_base")
-    if base is not None and not is_lora and not (path / "mm_projector.bin").is_file():
-        raise UserError(f"model_base was given but {path} has neither adapter_config.json (LoRA) "
-                        "nor mm_projector.bin (projector only)")
-    if layout == HF and base is not None:
-        raise UserError(f"{path} is a llava-hf checkpoint; model_base applies to LLaVA-layout folders only")
+    ckpt = _read_checkpoint(model_path, model_base)
+    torch_dtype = resolve_dtype(dtype, device, ckpt.saved_dtype)
+    _check_base(ckpt)
     if vision_tower is not None:
-        config.mm_vision_tower = str(resolve_vision_tower(str(vision_tower)))
-    config._name_or_path = str(path)
+        ckpt.config.mm_vision_tower = str(resolve_vision_tower(str(vision_tower)))
+    ckpt.config._name_or_path = str(ckpt.path)
 
-    check_fits_memory(config, base or path, torch_dtype, device)
-    with empty_init(torch.device("meta") if devices else device, torch_dtype):
-        model = DynamicLlavaForCausalLM(config)
-    if devices:
-        model.place_layers(devices)  # materialised part by part on its device, uninitialised until loaded
-    loader = _WeightLoader(model)
-    tower_state: StateDict = {}
-    for shard in iter_shards(base or path):
-        llm, tower = llava_names(shard, LLAVA if base else layout)
-        loader.load(llm)
-        tower_state.update(tower)
-    if base is not None:
-        extra = _lora_trainables(path) if is_lora else read_state_file(path / "mm_projector.bin")
-        loader.load(extra)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if not check_keys(expected, loader.found, path if base is None else base):
-        model.reinit_predictors()
-        if sparse is not False:  # a dense load never runs them: nothing to warn about
-            warnings.warn(f"{path} has no Dynamic-LLaVA predictor weights: they are freshly initialised "
-                          "(the starting point for sparsification training; use sparse=False for dense LLaVA-1.5)",
-                          stacklevel=2)
-    if is_lora:
-        model = _merge_lora(model, path)
-
-    if layout == HF and vision_tower is None:
-        _attach_tower(model, build_clip(vision_config, tower_state, path, device, torch_dtype))
-        image_processor = load_image_processor(path)
-    else:
-        tower_path = resolve_vision_tower(config.mm_vision_tower, path)
-        _attach_tower(model, load_clip(tower_path, device, torch_dtype))
-        image_processor = load_image_processor(tower_path)
-    tokenizer = load_tokenizer(base or path, config)
-    model.sparsity_options = SparsityOptions.from_overrides(sparse, **sparse_overrides)
-    if model.sparse.use_instruct_predictor and model.sparsity_options.sparse:
-        warnings.warn(f"{path} was trained with the instruction predictor (sparse_config use_instruct_predictor: "
-                      "true, the paper's ablation), which this implementation does not run: every instruction "
-                      "token is kept, so answers can differ from the reference's", stacklevel=2)
+    model = _empty_model(ckpt, torch_dtype, device, devices)
+    tower_state, has_predictors = _load_weights(model, ckpt)
+    if not has_predictors:
+        _init_missing_predictors(model, ckpt.path, sparse)
+    if ckpt.is_lora:
+        model = _merge_lora(model, ckpt.path)
+    own_tower = ckpt.layout == HF and vision_tower is None
+    image_processor = _attach_vision(model, ckpt, tower_state, own_tower, device, torch_dtype)
+    tokenizer = load_tokenizer(ckpt.llm_dir, ckpt.config)
+    _set_sparsity(model, ckpt.path, sparse, sparse_overrides)
     model.eval()
-    context_len = getattr(config, "max_sequence_length", None) or config.max_position_embeddings or 2048
-    return tokenizer, model, image_processor, int(context_len)
+    return tokenizer, model, image_processor, _context_length(ckpt.config)
 
 
 _BASE_LLM_TYPES = ("llama", "mistral")
