@@ -24,19 +24,28 @@ import argparse
 import gc
 import os
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..cpu_features import native_bf16
 from ..errors import MissingExtra, UserError
 from ..generation import append_token
 from ..model.batch import OUTPUT, TokenBatch
 from ..model.llava import DynamicLlavaForCausalLM
-from ..model.policy import TokenPolicy, make_policy
-from .device import add_device_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device, timed
+from ..model.policy import TokenPolicy
+from .device import (
+    add_device_argument,
+    add_dtype_argument,
+    device_info,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resolve_device,
+    resolve_dtype_name,
+    timed,
+)
 from .output import write_json
-from .prefill import DENSE, SPARSE, Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs
+from .prefill import Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs, make_policies
 from .shapes import SHAPES
 
 _ACTIVATION_MARGIN = 1 << 30  # bytes left for one decode step's activations when judging what fits
@@ -63,8 +72,7 @@ def _lengths(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=list(SHAPES), required=True)
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                        help="auto: bfloat16 where the CPU runs it natively (AMX / AVX512-BF16), else float32")
+    add_dtype_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096],
                         help="output lengths at which the cached decode is measured")
@@ -237,82 +245,143 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError("--no-cache-check must not exceed the largest --no-cache-lengths value")
 
 
+def _require_matplotlib() -> None:
+    """--plot: refuse before any work when matplotlib is missing; draw off-screen."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtra("matplotlib", needed_by="--plot") from None
+    matplotlib.use("Agg")
+
+
+@dataclass
+class _Bench:
+    """What every measurement of one run uses."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: DynamicLlavaForCausalLM
+    inputs: Inputs  # one sample: prefilled once, then replicated to --batch-size
+    batch_inputs: Inputs  # --batch-size samples: the uncached steps
+    output_keep_rule: str
+    policies: dict[str, TokenPolicy]
+    prompt_kept: dict[str, int]  # prompt tokens each policy keeps in the layers >= sparse_layer
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.args.prompt_text_tokens + self.inputs.image_tokens
+
+
+def _set_up(args: argparse.Namespace, device: torch.device) -> _Bench:
+    """The random-weight model with its output-text predictor calibrated, the inputs and the two policies."""
+    shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
+    model = build_model(shape, dtype, args.seed, device)
+    inputs = make_inputs(1, args.prompt_text_tokens, shape.vision, args.seed, device)
+    batch_inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed, device)
+    rule = calibrate_output_predictor(model, inputs, n_tokens=32)
+    policies = make_policies(model)
+    with torch.inference_mode():
+        prompt_kept = {name: int(model.step(model.embed(inputs.prompts, inputs.images), model.new_cache(1),
+                                            policy).keep.sum()) for name, policy in policies.items()}
+    return _Bench(args, device, model, inputs, batch_inputs, rule, policies, prompt_kept)
+
+
+def _run_record(bench: _Bench) -> dict[str, Any]:
+    """The JSON's opening: what was run, where, and how it is measured."""
+    args = bench.args
+    return {
+        "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size, "prompt_tokens": bench.prompt_tokens,
+        "prompt_tokens_kept": bench.prompt_kept, "threads": torch.get_num_threads(),
+        "weights_bytes": sum(p.numel() * p.element_size() for p in bench.model.parameters()),
+        **device_info(bench.device),
+        "load_average_1min_start": os.getloadavg()[0],
+        "output_keep_rule": bench.output_keep_rule, "method": METHOD}
+
+
+def _check_filling(bench: _Bench) -> tuple[dict[str, Any], dict[str, float]]:
+    """With --check-length: a real decode and the filled cache at that length, per policy; and the kept
+    fraction of generated tokens each policy really has (else 1 dense, 0.5 sparse: the calibration's aim)."""
+    args = bench.args
+    check: dict[str, Any] = {}
+    keep_fraction = {"dense": 1.0, "sparse": 0.5}
+    if not args.check_length:
+        return check, keep_fraction
+    for name, policy in bench.policies.items():
+        print(f"{name}: real decode of {args.check_length} tokens ...", flush=True)
+        real = real_decode(bench.model, bench.inputs, policy, args.check_length, args.batch_size, args.window)
+        keep_fraction[name] = real["output_keep_fraction"]
+        filled = filled_decode(bench.model, bench.inputs, policy, args.check_length, keep_fraction[name],
+                               args.batch_size, args.window, args.seed)
+        check[name] = {"real": real, "filled": filled,
+                       "filled_over_real": filled["seconds_per_token"] / real["seconds_per_token"]}
+    return check, keep_fraction
+
+
+def _with_cache(bench: _Bench, keep_fraction: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
+    """Per policy, the cached decode at each of --lengths (the policies alternate at each length)."""
+    points: dict[str, list[dict[str, Any]]] = {}
+    for length in bench.args.lengths:
+        for name in bench.policies:
+            points.setdefault(name, []).append(_cached_point(bench, name, length, keep_fraction[name]))
+    return points
+
+
+def _cached_point(bench: _Bench, name: str, length: int, keep_fraction: float) -> dict[str, Any]:
+    """`filled_decode` at `length` output tokens, or, when its KV cache would not fit, what it would need."""
+    args, policy = bench.args, bench.policies[name]
+    gc.collect()
+    kept = round(keep_fraction * length)
+    need = cache_bytes_needed(bench.model, policy.sparse_layer, args.batch_size, bench.prompt_tokens,
+                              bench.prompt_kept[name], length, kept)
+    free = available_memory(bench.device)
+    point: dict[str, Any] = {"output_tokens": length, "kv_cache_bytes_needed": need}
+    if need * 1.25 + _ACTIVATION_MARGIN > free:  # the cache grows by up to 25 % at a time
+        point.update(fits=False, available_bytes=free)
+        print(f"{name}: {length} tokens: the KV cache needs {need / 2**30:.1f} GiB, "
+              f"{free / 2**30:.1f} GiB available: not run", flush=True)
+    else:
+        print(f"{name}: decode at {length} output tokens ...", flush=True)
+        point.update(fits=True, **filled_decode(bench.model, bench.inputs, policy, length, keep_fraction,
+                                                args.batch_size, args.window, args.seed))
+    return point
+
+
+def _without_cache(bench: _Bench) -> dict[str, dict[str, Any]]:
+    """Per policy, uncached steps timed at --no-cache-points lengths, the totals estimated from them for each of
+    --no-cache-lengths and, with --no-cache-check, checked against a real uncached decode."""
+    args = bench.args
+    if not args.no_cache_lengths:
+        return {}
+    longest = max(args.no_cache_lengths)
+    points = sorted({round(i * (longest - 1) / (args.no_cache_points - 1)) for i in range(args.no_cache_points)})
+    result: dict[str, dict[str, Any]] = {}
+    for name, policy in bench.policies.items():
+        print(f"{name}: uncached steps at {points} output tokens ...", flush=True)
+        steps = uncached_step_seconds(bench.model, bench.batch_inputs, policy, points, args.seed)
+        entry: dict[str, Any] = {"step_seconds": steps,
+                                 "total_seconds": {n: total_from_steps(steps, n) for n in args.no_cache_lengths}}
+        if args.no_cache_check:
+            print(f"{name}: real uncached decode of {args.no_cache_check} tokens ...", flush=True)
+            real = uncached_decode_seconds(bench.model, bench.batch_inputs, policy, args.no_cache_check)
+            estimate = total_from_steps(steps, args.no_cache_check)
+            entry["check"] = {"output_tokens": args.no_cache_check, "real_seconds": real,
+                              "estimated_seconds": estimate, "estimate_over_real": estimate / real}
+        result[name] = entry
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     device = resolve_device(args.device)
     if args.plot:
-        try:
-            import matplotlib
-        except ImportError:
-            raise MissingExtra("matplotlib", needed_by="--plot") from None
-        matplotlib.use("Agg")
-    if args.dtype == "auto":  # resolved here so that the printed and saved results name the real dtype
-        args.dtype = "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
-    shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
-    model = build_model(shape, dtype, args.seed, device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    inputs = make_inputs(1, args.prompt_text_tokens, shape.vision, args.seed, device)
-    batch_inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed, device)
-    rule = calibrate_output_predictor(model, inputs, n_tokens=32)
-    policies = {"dense": make_policy(model, DENSE), "sparse": make_policy(model, SPARSE)}
-    prompt_tokens = args.prompt_text_tokens + inputs.image_tokens
-    with torch.inference_mode():
-        prompt_kept = {name: int(model.step(model.embed(inputs.prompts, inputs.images), model.new_cache(1),
-                                            policy).keep.sum()) for name, policy in policies.items()}
-    result: dict[str, Any] = {
-        "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size, "prompt_tokens": prompt_tokens,
-        "prompt_tokens_kept": prompt_kept, "threads": torch.get_num_threads(), "weights_bytes": weights,
-        **device_info(device),
-        "load_average_1min_start": os.getloadavg()[0],
-        "output_keep_rule": rule, "method": METHOD,
-        "check": {}, "with_cache": {}, "without_cache": {}}
-
-    keep_fraction = {"dense": 1.0, "sparse": 0.5}
-    if args.check_length:
-        for name, policy in policies.items():
-            print(f"{name}: real decode of {args.check_length} tokens ...", flush=True)
-            real = real_decode(model, inputs, policy, args.check_length, args.batch_size, args.window)
-            keep_fraction[name] = real["output_keep_fraction"]
-            filled = filled_decode(model, inputs, policy, args.check_length, keep_fraction[name], args.batch_size,
-                                   args.window, args.seed)
-            result["check"][name] = {"real": real, "filled": filled,
-                                     "filled_over_real": filled["seconds_per_token"] / real["seconds_per_token"]}
+        _require_matplotlib()
+    args.dtype = resolve_dtype_name(args.dtype, device)
+    bench = _set_up(args, device)
+    result = _run_record(bench)
+    result["check"], keep_fraction = _check_filling(bench)
+    result["with_cache"] = _with_cache(bench, keep_fraction)
+    result["without_cache"] = _without_cache(bench)
     result["output_keep_fraction"] = keep_fraction
-
-    for length in args.lengths:
-        for name, policy in policies.items():
-            gc.collect()
-            kept = round(keep_fraction[name] * length)
-            need = cache_bytes_needed(model, policies[name].sparse_layer, args.batch_size, prompt_tokens,
-                                      prompt_kept[name], length, kept)
-            free = available_memory(device)
-            point: dict[str, Any] = {"output_tokens": length, "kv_cache_bytes_needed": need}
-            if need * 1.25 + _ACTIVATION_MARGIN > free:  # the cache grows by up to 25 % at a time
-                point.update(fits=False, available_bytes=free)
-                print(f"{name}: {length} tokens: the KV cache needs {need / 2**30:.1f} GiB, "
-                      f"{free / 2**30:.1f} GiB available: not run", flush=True)
-            else:
-                print(f"{name}: decode at {length} output tokens ...", flush=True)
-                point.update(fits=True, **filled_decode(model, inputs, policy, length, keep_fraction[name],
-                                                        args.batch_size, args.window, args.seed))
-            result["with_cache"].setdefault(name, []).append(point)
-
-    if args.no_cache_lengths:
-        longest = max(args.no_cache_lengths)
-        points = sorted({round(i * (longest - 1) / (args.no_cache_points - 1)) for i in range(args.no_cache_points)})
-        for name, policy in policies.items():
-            print(f"{name}: uncached steps at {points} output tokens ...", flush=True)
-            steps = uncached_step_seconds(model, batch_inputs, policy, points, args.seed)
-            entry: dict[str, Any] = {"step_seconds": steps,
-                                     "total_seconds": {n: total_from_steps(steps, n) for n in args.no_cache_lengths}}
-            if args.no_cache_check:
-                print(f"{name}: real uncached decode of {args.no_cache_check} tokens ...", flush=True)
-                real = uncached_decode_seconds(model, batch_inputs, policy, args.no_cache_check)
-                estimate = total_from_steps(steps, args.no_cache_check)
-                entry["check"] = {"output_tokens": args.no_cache_check, "real_seconds": real,
-                                  "estimated_seconds": estimate, "estimate_over_real": estimate / real}
-            result["without_cache"][name] = entry
-
     result["load_average_1min_end"] = os.getloadavg()[0]  # other jobs on the machine inflate absolute times
     _print_tables(result)
     if args.plot:

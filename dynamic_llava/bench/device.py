@@ -1,4 +1,4 @@
-"""Where a benchmark runs (`--device cpu | cuda | cuda:N`), how it is timed there, and what is recorded.
+"""Where a benchmark runs (`--device cpu | cuda | cuda:N`, `--dtype`), how it is timed there, and what is recorded.
 
 On CPU a measurement is wall time (`time.perf_counter`). On CUDA kernels run asynchronously, so the
 device is synchronised before the start and a pair of CUDA events brackets the work, read after a
@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from ..cpu_features import native_bf16
 from ..errors import UserError
 
 T = TypeVar("T")
@@ -38,6 +39,19 @@ def resolve_device(text: str) -> torch.device:
             raise UserError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) visible")
         device = torch.device("cuda", index)
     return device
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="auto: bfloat16 where the CPU runs it natively (AMX / AVX512-BF16), else float32")
+
+
+def resolve_dtype_name(name: str, device: torch.device) -> str:
+    """`--dtype` with "auto" resolved (bfloat16 on CUDA and where the CPU runs it natively, else float32): the
+    benchmarks resolve it before they start, so that the printed and saved results name the dtype that ran."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
 
 
 def timed(device: torch.device, fn: Callable[[], T]) -> tuple[T, float]:

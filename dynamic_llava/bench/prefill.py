@@ -34,7 +34,6 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaCo
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..constants import IMAGE_TOKEN_INDEX
-from ..cpu_features import native_bf16
 from ..errors import UserError
 from ..model.batch import OUTPUT, TokenBatch
 from ..model.cache import SparseKVCache
@@ -43,7 +42,16 @@ from ..model.decoder import RMSNorm, RotaryEmbedding
 from ..model.llava import DynamicLlavaForCausalLM, StepOutput
 from ..model.policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
 from ..model.vision import CLIPVisionTower
-from .device import add_device_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device, timed
+from .device import (
+    add_device_argument,
+    add_dtype_argument,
+    device_info,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resolve_device,
+    resolve_dtype_name,
+    timed,
+)
 from .flops import exact_prefill_flops, paper_formula_flops
 from .flops import schedules as flops_schedules
 from .output import write_json
@@ -58,6 +66,11 @@ _INIT_STD = 0.02
 TRANSFORMERS_CALL = "model(input_ids, pixel_values, attention_mask, use_cache=True, logits_to_keep=1)"
 # The two settings every benchmark compares: dense LLaVA-1.5 and the checkpoint's Dynamic-LLaVA
 DENSE, SPARSE = SparsityOptions(sparse=False), SparsityOptions()
+
+
+def make_policies(model: DynamicLlavaForCausalLM) -> dict[str, TokenPolicy]:
+    """The model's token policies for DENSE and SPARSE, by name ("dense", "sparse")."""
+    return {"dense": make_policy(model, DENSE), "sparse": make_policy(model, SPARSE)}
 
 
 # ----------------------------------------------------------------------------- models
@@ -383,8 +396,7 @@ def _reference_kv_bytes(out: Any) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=list(SHAPES), required=True,
                         help="real LLaVA-1.5 shapes with random weights, or tiny (seconds; smoke test)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                        help="auto: bfloat16 where the CPU runs it natively (AMX / AVX512-BF16), else float32")
+    add_dtype_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt and image")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefill runs per model (after a warm-up)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps (0: prefill only)")
@@ -396,79 +408,139 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    if args.dtype == "auto":  # resolved here so that the printed and saved results name the real dtype
-        args.dtype = "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
+    args.dtype = resolve_dtype_name(args.dtype, device)
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
-    for name, low in (("batch_size", 1), ("repeats", 1), ("decode_tokens", 0), ("prompt_text_tokens", 2)):
-        if getattr(args, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
+    _check_arguments(args)
     print(f"bench prefill: {args.shape}, {args.dtype}, batch {args.batch_size}, on {device}, "
           f"{torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    parity = _check_parity_before_timing(args.seed)
+    model, ref = _build_models(shape, dtype, args.seed, device)
+    inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed, device)
+    _check_context_length(model, inputs, args.decode_tokens)
+    policies = make_policies(model)
+    with torch.inference_mode():
+        warm = _warm_up(model, ref, inputs, policies, args.dtype)
+        runs = _time_interleaved(_prefill_runners(model, ref, inputs, policies), args.repeats, device)
+        decoded = _measure_decode(model, inputs, policies, args.decode_tokens)
+    flops = prefill_flops(shape, inputs.text_tokens, inputs.image_tokens, policies["sparse"].vision_keep_rate)
+    result = _result(args, device, inputs, runs, warm, decoded, flops, parity)
+    _print_summary(result)
+    if args.json is not None:
+        write_json(args.json, result)
+    return 0
 
-    parity = check_parity(args.seed)
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    for name, low in (("batch_size", 1), ("repeats", 1), ("decode_tokens", 0), ("prompt_text_tokens", 2)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
+
+
+def _check_parity_before_timing(seed: int) -> float:
+    """`check_parity`, printed; a RuntimeError (nothing is timed) when ours and transformers disagree."""
+    parity = check_parity(seed)
     print(f"parity (tiny shape, fp32, dense, all positions): ours vs transformers max rel |diff| = {parity:.2e}")
     if parity > 1e-4:
         raise RuntimeError("ours dense and transformers disagree: not timing")
+    return parity
 
+
+def _build_models(shape: Shape, dtype: torch.dtype, seed: int, device: torch.device
+                  ) -> tuple[DynamicLlavaForCausalLM, LlavaForConditionalGeneration]:
+    """Ours with random weights and transformers' LLaVA sharing them, and say so."""
     start = time.perf_counter()
-    model = build_model(shape, dtype, args.seed, device)
+    model = build_model(shape, dtype, seed, device)
     ref = build_reference(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"built random weights: {n_params / 1e9:.2f} B parameters, "
           f"{sum(p.nbytes for p in model.parameters()) / 2**30:.1f} GiB, in {time.perf_counter() - start:.1f} s; "
           "transformers reference shares every parameter (data_ptr checked)", flush=True)
-    inputs = make_inputs(args.batch_size, args.prompt_text_tokens, shape.vision, args.seed, device)
+    return model, ref
+
+
+def _check_context_length(model: DynamicLlavaForCausalLM, inputs: Inputs, decode_tokens: int) -> None:
     n_prompt = inputs.text_tokens + inputs.image_tokens
-    if n_prompt + args.decode_tokens > model.config.max_position_embeddings:
-        raise UserError(f"{n_prompt} prompt + {args.decode_tokens} decode tokens exceed the context length")
-    dense_policy, sparse_policy = make_policy(model, DENSE), make_policy(model, SPARSE)
-    expected_kept = math.floor(sparse_policy.vision_keep_rate * inputs.image_tokens + 1e-6)
+    if n_prompt + decode_tokens > model.config.max_position_embeddings:
+        raise UserError(f"{n_prompt} prompt + {decode_tokens} decode tokens exceed the context length")
 
-    with torch.inference_mode():
-        print(f"warm-up: {inputs.text_tokens} text + {inputs.image_tokens} image tokens x {args.batch_size}",
-              flush=True)
-        # One prefill each, its KV cache measured and freed at once (two 7B caches at batch 8 are 5 GB).
-        prefill_kv: dict[str, int] = {}
-        outs: dict[str, StepOutput] = {}
-        for name, policy in (("dense", dense_policy), ("sparse", sparse_policy)):
-            _, cache, out = ours_prefill(model, inputs, policy)
-            prefill_kv[name], outs[name] = int(cache.bytes_per_sample().sum()), out
-            del cache
-        ref_out = reference_prefill(ref, inputs)
-        prefill_kv["transformers"], theirs = _reference_kv_bytes(ref_out), ref_out.logits[:, -1].float()
-        del ref_out
-        logits_diff = float((outs["dense"].logits.float() - theirs).abs().max() / theirs.abs().max())
-        argmax_agree = bool((outs["dense"].logits.argmax(-1) == theirs.argmax(-1)).all())
-        image_kept = (outs["sparse"].keep.sum(1) - inputs.text_tokens).tolist()
-        print(f"  next-token logits, ours dense vs transformers ({args.dtype}): max rel |diff| {logits_diff:.2e}, "
-              f"argmax {'agrees' if argmax_agree else 'DIFFERS'}")
-        print(f"  sparse keeps {image_kept} of {inputs.image_tokens} image tokens per sample "
-              f"(expected {expected_kept})", flush=True)
 
-        runs = _time_interleaved({
-            "dense": lambda: ours_prefill(model, inputs, dense_policy),
-            "sparse": lambda: ours_prefill(model, inputs, sparse_policy),
-            "transformers": lambda: reference_prefill(ref, inputs),
-        }, args.repeats, device)
-        prefill = {name: statistics.median(run["seconds"]) for name, run in runs.items()}
+@dataclass
+class _WarmUp:
+    """The untimed first prefill of each model: what it leaves in the KV cache, ours vs transformers."""
 
-        decode: dict[str, float | None] = {"dense": None, "sparse": None}
-        reports: dict[str, dict[str, Any]] = {}
-        rule = "not used (--decode-tokens 0)"
-        if args.decode_tokens:
-            print("calibrating the output-text predictor ...", flush=True)
-            rule = calibrate_output_predictor(model, inputs, args.decode_tokens)
-            decoders = {"dense": Decoder(model, inputs, dense_policy), "sparse": Decoder(model, inputs, sparse_policy)}
-            for step in tqdm(range(args.decode_tokens), desc="decode", unit="token"):
-                for name in (("dense", "sparse") if step % 2 == 0 else ("sparse", "dense")):
-                    decoders[name].step()
-            decode = {name: statistics.median(d.seconds) for name, d in decoders.items()}
-            reports = {name: d.kv_report(sparse_policy.sparse_layer) for name, d in decoders.items()}
-    kv = {name: reports[name]["kv_cache_bytes"] if reports else prefill_kv[name] for name in ("dense", "sparse")}
-    flops = prefill_flops(shape, inputs.text_tokens, inputs.image_tokens, sparse_policy.vision_keep_rate)
+    kv_bytes: dict[str, int]  # dense, sparse, transformers
+    logits_diff: float  # max rel |diff| of the next-token logits, ours dense vs transformers
+    argmax_agrees: bool
+    image_kept: list[int]  # image tokens the sparse prefill keeps, per sample
 
-    result: dict[str, Any] = {
+
+def _warm_up(model: DynamicLlavaForCausalLM, ref: LlavaForConditionalGeneration, inputs: Inputs,
+             policies: dict[str, TokenPolicy], dtype_name: str) -> _WarmUp:
+    print(f"warm-up: {inputs.text_tokens} text + {inputs.image_tokens} image tokens x {len(inputs.prompts)}",
+          flush=True)
+    # One prefill each, its KV cache measured and freed at once (two 7B caches at batch 8 are 5 GB).
+    kv_bytes: dict[str, int] = {}
+    outs: dict[str, StepOutput] = {}
+    for name, policy in policies.items():
+        _, cache, out = ours_prefill(model, inputs, policy)
+        kv_bytes[name], outs[name] = int(cache.bytes_per_sample().sum()), out
+        del cache
+    ref_out = reference_prefill(ref, inputs)
+    kv_bytes["transformers"], theirs = _reference_kv_bytes(ref_out), ref_out.logits[:, -1].float()
+    del ref_out
+    logits_diff = float((outs["dense"].logits.float() - theirs).abs().max() / theirs.abs().max())
+    argmax_agrees = bool((outs["dense"].logits.argmax(-1) == theirs.argmax(-1)).all())
+    image_kept = (outs["sparse"].keep.sum(1) - inputs.text_tokens).tolist()
+    expected_kept = math.floor(policies["sparse"].vision_keep_rate * inputs.image_tokens + 1e-6)
+    print(f"  next-token logits, ours dense vs transformers ({dtype_name}): max rel |diff| {logits_diff:.2e}, "
+          f"argmax {'agrees' if argmax_agrees else 'DIFFERS'}")
+    print(f"  sparse keeps {image_kept} of {inputs.image_tokens} image tokens per sample "
+          f"(expected {expected_kept})", flush=True)
+    return _WarmUp(kv_bytes, logits_diff, argmax_agrees, image_kept)
+
+
+def _prefill_runners(model: DynamicLlavaForCausalLM, ref: LlavaForConditionalGeneration, inputs: Inputs,
+                     policies: dict[str, TokenPolicy]) -> dict[str, Callable[[], Any]]:
+    return {
+        "dense": lambda: ours_prefill(model, inputs, policies["dense"]),
+        "sparse": lambda: ours_prefill(model, inputs, policies["sparse"]),
+        "transformers": lambda: reference_prefill(ref, inputs),
+    }
+
+
+@dataclass
+class _Decoded:
+    """Greedy decoding with the KV cache, dense and sparse (nothing with --decode-tokens 0)."""
+
+    seconds_per_token: dict[str, float | None]  # median
+    reports: dict[str, dict[str, Any]]  # Decoder.kv_report at the end
+    output_keep_rule: str
+
+
+def _measure_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policies: dict[str, TokenPolicy],
+                    n_tokens: int) -> _Decoded:
+    """Calibrate the output-text predictor, then decode `n_tokens`, dense and sparse steps interleaved."""
+    if not n_tokens:
+        return _Decoded({"dense": None, "sparse": None}, {}, "not used (--decode-tokens 0)")
+    print("calibrating the output-text predictor ...", flush=True)
+    rule = calibrate_output_predictor(model, inputs, n_tokens)
+    decoders = {name: Decoder(model, inputs, policy) for name, policy in policies.items()}
+    for step in tqdm(range(n_tokens), desc="decode", unit="token"):
+        for name in (("dense", "sparse") if step % 2 == 0 else ("sparse", "dense")):
+            decoders[name].step()
+    sparse_layer = policies["sparse"].sparse_layer
+    return _Decoded({name: statistics.median(d.seconds) for name, d in decoders.items()},
+                    {name: d.kv_report(sparse_layer) for name, d in decoders.items()}, rule)
+
+
+def _result(args: argparse.Namespace, device: torch.device, inputs: Inputs, runs: dict[str, dict[str, list[float]]],
+            warm: _WarmUp, decoded: _Decoded, flops: dict[str, float], parity: float) -> dict[str, Any]:
+    """The JSON record (`_print_summary` reads it too)."""
+    prefill = {name: statistics.median(run["seconds"]) for name, run in runs.items()}
+    decode, reports = decoded.seconds_per_token, decoded.reports
+    kv = {name: reports[name]["kv_cache_bytes"] if reports else warm.kv_bytes[name] for name in ("dense", "sparse")}
+    return {
         "prefill_seconds": prefill,
         "decode_seconds_per_token": decode,
         "kv_cache_bytes": kv,
@@ -479,8 +551,26 @@ def run(args: argparse.Namespace) -> int:
             "sparse_over_dense_kv_bytes": kv["sparse"] / kv["dense"],
         },
         "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size, "repeats": args.repeats,
-        "decode_tokens": args.decode_tokens, "prompt_tokens": n_prompt, "text_tokens": inputs.text_tokens,
-        "image_tokens": inputs.image_tokens, "image_tokens_kept": image_kept,
+        "decode_tokens": args.decode_tokens, "prompt_tokens": inputs.text_tokens + inputs.image_tokens,
+        "text_tokens": inputs.text_tokens, "image_tokens": inputs.image_tokens, "image_tokens_kept": warm.image_kept,
+        **_prefill_run_stats(runs, prefill, device),
+        "kv_cache_bytes_after_prefill": warm.kv_bytes,
+        "kv_cache": reports,
+        "output_keep_rule": decoded.output_keep_rule,
+        "flops_prefill_per_sample": flops,
+        "parity": {"tiny_fp32_all_positions_max_rel_diff": parity,
+                   "this_shape_next_token_logits_max_rel_diff": warm.logits_diff,
+                   "this_shape_argmax_agrees": warm.argmax_agrees},
+        "transformers_call": TRANSFORMERS_CALL + " (lm_head on the last position only, as ours)",
+        "weights": "random (seeded); a forward pass's speed does not depend on weight values",
+        **_environment(device),
+    }
+
+
+def _prefill_run_stats(runs: dict[str, dict[str, list[float]]], prefill: dict[str, float], device: torch.device
+                       ) -> dict[str, Any]:
+    """Every timed prefill run, the fastest, the GPU memory peak and the kernel's share of the time."""
+    return {
         "prefill_runs": runs,
         "prefill_seconds_min": {name: min(run["seconds"]) for name, run in runs.items()},
         # CUDA only: the largest per-run peak of allocated GPU memory (weights included)
@@ -488,22 +578,16 @@ def run(args: argparse.Namespace) -> int:
            if device.type == "cuda" else {}),
         "prefill_kernel_share": {name: statistics.median(run["kernel_seconds"]) / prefill[name]
                                  for name, run in runs.items()},
-        "kv_cache_bytes_after_prefill": prefill_kv,
-        "kv_cache": reports,
-        "output_keep_rule": rule,
-        "flops_prefill_per_sample": flops,
-        "parity": {"tiny_fp32_all_positions_max_rel_diff": parity,
-                   "this_shape_next_token_logits_max_rel_diff": logits_diff, "this_shape_argmax_agrees": argmax_agree},
-        "transformers_call": TRANSFORMERS_CALL + " (lm_head on the last position only, as ours)",
-        "weights": "random (seeded); a forward pass's speed does not depend on weight values",
+    }
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    """Where and when the run happened."""
+    return {
         "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
         **device_info(device), "transformers": transformers.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    _print_summary(result)
-    if args.json is not None:
-        write_json(args.json, result)
-    return 0
 
 
 def _print_summary(r: dict[str, Any]) -> None:
