@@ -35,14 +35,8 @@ from ..model.batch import OUTPUT, TokenBatch
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.policy import TokenPolicy
 from .device import (
-    add_device_argument,
-    add_dtype_argument,
-    device_info,
-    peak_memory_bytes,
-    reset_peak_memory,
-    resolve_device,
-    resolve_dtype_name,
-    timed,
+    add_device_argument, add_dtype_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device,
+    resolve_dtype_name, timed,
 )
 from .output import write_json
 from .prefill import Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs, make_policies

@@ -43,14 +43,8 @@ from ..model.llava import DynamicLlavaForCausalLM, StepOutput
 from ..model.policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
 from ..model.vision import CLIPVisionTower
 from .device import (
-    add_device_argument,
-    add_dtype_argument,
-    device_info,
-    peak_memory_bytes,
-    reset_peak_memory,
-    resolve_device,
-    resolve_dtype_name,
-    timed,
+    add_device_argument, add_dtype_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device,
+    resolve_dtype_name, timed,
 )
 from .flops import exact_prefill_flops, paper_formula_flops
 from .flops import schedules as flops_schedules
