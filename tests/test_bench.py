@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from dynamic_llava.bench.decode import _lengths
 from dynamic_llava.cli import main
 
 
@@ -136,3 +138,14 @@ def test_decoder_fill_matches_real_decoding_entry_counts() -> None:
         n = int(a.lengths[0])
         assert torch.equal(a.positions[:, :n].sort(1).values, b.positions[:, :n].sort(1).values)
     assert filled.kv_report(policy.sparse_layer)["entries_check"]
+
+
+@pytest.mark.parametrize(("text", "lengths"), [("", []), (",", []), ("4096,1024,1024", [1024, 4096])])
+def test_decode_length_lists_parse(text: str, lengths: list[int]) -> None:
+    assert _lengths(text) == lengths
+
+
+@pytest.mark.parametrize("text", ["0,8", "a,b", "-3"])
+def test_decode_length_lists_refuse_bad_counts(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        _lengths(text)

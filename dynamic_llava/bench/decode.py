@@ -59,7 +59,7 @@ def _lengths(text: str) -> list[int]:
         values = sorted({int(x) for x in text.split(",") if x})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
-    if values[0] < 1:
+    if values and values[0] < 1:  # "," alone: no lengths, as ""
         raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
     return values
 
