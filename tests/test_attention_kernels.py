@@ -35,10 +35,10 @@ def test_the_recorder_names_the_kernel_sdpa_picked() -> None:
     q = k = v = torch.randn(1, 2, 8, 16)
     run = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     with sdpa_kernel(SDPBackend.MATH):
-        assert attention_kernels(run) == {FALLBACK: 1}
-    fused = attention_kernels(run)
-    assert FALLBACK not in fused and sum(fused.values()) == 1
-    assert attention_kernels(lambda: None) == {} and describe({}) == "no SDPA"
+        assert attention_kernels(run)[1] == {FALLBACK: 1}
+    out, fused = attention_kernels(run)
+    assert FALLBACK not in fused and sum(fused.values()) == 1 and out.shape == q.shape
+    assert attention_kernels(lambda: None) == (None, {}) and describe({}) == "no SDPA"
     assert describe({"flash": 3, "math": 1}) == "flash x3, math x1"
 
 
@@ -63,18 +63,14 @@ def test_prefill_and_decode_never_fall_back_to_math(tiny_llava_dir: Path, device
     prompts, images = _mixed_batch(tokenizer)
     policy = make_policy(model, MODES[mode])
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=-1)  # never stops early
-    state = None
-
-    def run_prefill() -> None:
-        nonlocal state
-        state = prefill(model, tokenizer, prompts, images, config, policy)
+    state, prefill_kernels = attention_kernels(lambda: prefill(model, tokenizer, prompts, images, config, policy))
 
     def run_decode() -> None:
         while not state.done:
             decode_step(state)
 
     layers = model.config.num_hidden_layers
-    kernels = {"prefill": attention_kernels(run_prefill), "decode": attention_kernels(run_decode)}
+    kernels = {"prefill": prefill_kernels, "decode": attention_kernels(run_decode)[1]}
     assert len(finish(state)) == len(prompts)
     for phase, used in kernels.items():
         assert FALLBACK not in used, (phase, used)

@@ -27,6 +27,11 @@ def test_bench_prefill_tiny_writes_the_json_contract(tmp_path: Path, capsys: pyt
     # sparse keeps 115 of 576 image tokens, so its cache must be smaller than dense
     assert 0 < result["kv_cache_bytes"]["sparse"] < result["kv_cache_bytes"]["dense"]
     assert "output_keep_rule" in result
+    # which SDPA kernel each model's prefill and decode step reached (CPU: flash, never the math fallback)
+    kernels = result["attention_kernels"]
+    assert set(kernels["prefill"]) == {"dense", "sparse", "transformers"} and set(kernels["decode"]) == {"dense", "sparse"}
+    assert all(k and "math" not in k for phase in kernels.values() for k in phase.values()), kernels
+    assert "SDPA kernels, prefill:" in table
 
 
 def test_bench_refuses_unknown_shape(capsys: pytest.CaptureFixture) -> None:
@@ -103,7 +108,9 @@ def test_bench_decode_tiny_kv_grows_with_kept_tokens_only(tmp_path: Path, capsys
     assert uncached["total_seconds"]["6"] > uncached["total_seconds"]["3"] > 0
     assert uncached["check"]["real_seconds"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "output_keep_rule" in result and "with KV cache" in capsys.readouterr().out
+    assert all(p["attention_kernels"] and "math" not in p["attention_kernels"] for p in dense + sparse)
+    table = capsys.readouterr().out
+    assert "output_keep_rule" in result and "with KV cache" in table and "SDPA kernels of one dense step" in table
 
 
 def test_total_from_steps_interpolates_between_measured_points() -> None:

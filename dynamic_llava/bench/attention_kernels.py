@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ KERNEL_NAMES = {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENT
                 SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.OVERRIDEABLE: "fused (device backend)",
                 SDPBackend.MATH: "math"}
 FALLBACK = "math"
+
+T = TypeVar("T")
 
 
 def sdpa_kernel_for(*args: Any, **kwargs: Any) -> str:
@@ -45,13 +47,13 @@ class _KernelRecorder(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def attention_kernels(work: Callable[[], object]) -> dict[str, int]:
-    """Run `work()` once and return how many SDPA calls reached each kernel ({} when none did: the
-    explicit matmul-softmax paths, e.g. H2O's, are not SDPA)."""
+def attention_kernels(work: Callable[[], T]) -> tuple[T, dict[str, int]]:
+    """Run `work()` once; return its result and how many SDPA calls reached each kernel ({} when none did:
+    the explicit matmul-softmax paths, e.g. H2O's, are not SDPA)."""
     recorder = _KernelRecorder()
     with recorder:
-        work()
-    return dict(sorted(recorder.calls.items()))
+        result = work()
+    return result, dict(sorted(recorder.calls.items()))
 
 
 def describe(kernels: dict[str, int]) -> str:

@@ -34,6 +34,7 @@ from ..generation import append_token
 from ..model.batch import OUTPUT, TokenBatch
 from ..model.llava import DynamicLlavaForCausalLM
 from ..model.policy import TokenPolicy
+from .attention_kernels import describe
 from .device import (
     add_device_argument, add_dtype_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device,
     resolve_dtype_name, timed,
@@ -124,10 +125,11 @@ def real_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenPol
         decoder.step()
     report = decoder.kv_report(policy.sparse_layer)
     kept = decoder.outputs_kept.float().mean().item()
-    return {"output_tokens": length, "seconds_per_token": statistics.median(decoder.seconds[-window:]),
-            "kv_cache_bytes": report["kv_cache_bytes"], "output_tokens_kept": round(kept),
-            "output_keep_fraction": kept / length, "entries_check": report["entries_check"],
-            **_peak(device)}
+    point = {"output_tokens": length, "seconds_per_token": statistics.median(decoder.seconds[-window:]),
+             "kv_cache_bytes": report["kv_cache_bytes"], "output_tokens_kept": round(kept),
+             "output_keep_fraction": kept / length, "entries_check": report["entries_check"],
+             **_peak(device)}
+    return {**point, "attention_kernels": decoder.recorded_step()}
 
 
 @torch.inference_mode()
@@ -146,11 +148,12 @@ def filled_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policy: TokenP
     for _ in range(window):
         decoder.step()
     report = decoder.kv_report(policy.sparse_layer)
-    return {"output_tokens": decoder.fed, "seconds_per_token": statistics.median(decoder.seconds),
-            "kv_cache_bytes": report["kv_cache_bytes"],
-            "kv_cache_allocated_bytes": report["kv_cache_allocated_bytes"],
-            "output_tokens_kept": report["output_tokens_kept"][0], "entries_check": report["entries_check"],
-            **_peak(device)}
+    point = {"output_tokens": decoder.fed, "seconds_per_token": statistics.median(decoder.seconds),
+             "kv_cache_bytes": report["kv_cache_bytes"],
+             "kv_cache_allocated_bytes": report["kv_cache_allocated_bytes"],
+             "output_tokens_kept": report["output_tokens_kept"][0], "entries_check": report["entries_check"],
+             **_peak(device)}
+    return {**point, "attention_kernels": decoder.recorded_step()}
 
 
 def _peak(device: torch.device) -> dict[str, int]:
@@ -411,6 +414,11 @@ def _print_tables(result: dict[str, Any]) -> None:
         print(line)
     print("(KV MiB: held after that many output tokens, computed from the entry counts where not run; "
           "'(no fit)': more than the RAM available here)")
+    for name, points in result["with_cache"].items():
+        run = [p for p in points if p["fits"]]
+        if run:
+            print(f"SDPA kernels of one {name} step at {run[-1]['output_tokens']} tokens: "
+                  f"{describe(run[-1]['attention_kernels'])}")
     if result["without_cache"]:
         dense, sparse = result["without_cache"]["dense"], result["without_cache"]["sparse"]
         print(f"\n{'without cache':>14}{'dense s':>13}{'sparse s':>14}{'ratio':>8}")

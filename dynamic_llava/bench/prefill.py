@@ -42,6 +42,7 @@ from ..model.decoder import RMSNorm, RotaryEmbedding
 from ..model.llava import DynamicLlavaForCausalLM, StepOutput
 from ..model.policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
 from ..model.vision import CLIPVisionTower
+from .attention_kernels import attention_kernels, describe
 from .device import (
     add_device_argument, add_dtype_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device,
     resolve_dtype_name, timed,
@@ -243,6 +244,12 @@ class Decoder:
         self.outputs_kept += keep[:, 0]
         self.positions += 1
         self.fed += 1
+
+    def recorded_step(self) -> dict[str, int]:
+        """One more step after the measurement, its time discarded: the SDPA kernels it reaches."""
+        _, kernels = attention_kernels(self.step)
+        self.seconds.pop()
+        return kernels
 
     def replicate(self, batch_size: int) -> None:
         """Turn a batch-1 state into `batch_size` identical samples (costs as much to decode as distinct
@@ -467,6 +474,7 @@ class _WarmUp:
     logits_diff: float  # max rel |diff| of the next-token logits, ours dense vs transformers
     argmax_agrees: bool
     image_kept: list[int]  # image tokens the sparse prefill keeps, per sample
+    kernels: dict[str, dict[str, int]]  # dense, sparse, transformers: SDPA calls per kernel (bench.attention_kernels)
 
 
 def _warm_up(model: DynamicLlavaForCausalLM, ref: LlavaForConditionalGeneration, inputs: Inputs,
@@ -476,11 +484,12 @@ def _warm_up(model: DynamicLlavaForCausalLM, ref: LlavaForConditionalGeneration,
     # One prefill each, its KV cache measured and freed at once (two 7B caches at batch 8 are 5 GB).
     kv_bytes: dict[str, int] = {}
     outs: dict[str, StepOutput] = {}
+    kernels: dict[str, dict[str, int]] = {}
     for name, policy in policies.items():
-        _, cache, out = ours_prefill(model, inputs, policy)
+        (_, cache, out), kernels[name] = attention_kernels(lambda: ours_prefill(model, inputs, policy))
         kv_bytes[name], outs[name] = int(cache.bytes_per_sample().sum()), out
         del cache
-    ref_out = reference_prefill(ref, inputs)
+    ref_out, kernels["transformers"] = attention_kernels(lambda: reference_prefill(ref, inputs))
     kv_bytes["transformers"], theirs = _reference_kv_bytes(ref_out), ref_out.logits[:, -1].float()
     del ref_out
     logits_diff = float((outs["dense"].logits.float() - theirs).abs().max() / theirs.abs().max())
@@ -491,7 +500,7 @@ def _warm_up(model: DynamicLlavaForCausalLM, ref: LlavaForConditionalGeneration,
           f"argmax {'agrees' if argmax_agrees else 'DIFFERS'}")
     print(f"  sparse keeps {image_kept} of {inputs.image_tokens} image tokens per sample "
           f"(expected {expected_kept})", flush=True)
-    return _WarmUp(kv_bytes, logits_diff, argmax_agrees, image_kept)
+    return _WarmUp(kv_bytes, logits_diff, argmax_agrees, image_kept, kernels)
 
 
 def _prefill_runners(model: DynamicLlavaForCausalLM, ref: LlavaForConditionalGeneration, inputs: Inputs,
@@ -510,13 +519,14 @@ class _Decoded:
     seconds_per_token: dict[str, float | None]  # median
     reports: dict[str, dict[str, Any]]  # Decoder.kv_report at the end
     output_keep_rule: str
+    kernels: dict[str, dict[str, int]]  # one untimed step after the measurement, per model
 
 
 def _measure_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policies: dict[str, TokenPolicy],
                     n_tokens: int) -> _Decoded:
     """Calibrate the output-text predictor, then decode `n_tokens`, dense and sparse steps interleaved."""
     if not n_tokens:
-        return _Decoded({"dense": None, "sparse": None}, {}, "not used (--decode-tokens 0)")
+        return _Decoded({"dense": None, "sparse": None}, {}, "not used (--decode-tokens 0)", {})
     print("calibrating the output-text predictor ...", flush=True)
     rule = calibrate_output_predictor(model, inputs, n_tokens)
     decoders = {name: Decoder(model, inputs, policy) for name, policy in policies.items()}
@@ -524,8 +534,9 @@ def _measure_decode(model: DynamicLlavaForCausalLM, inputs: Inputs, policies: di
         for name in (("dense", "sparse") if step % 2 == 0 else ("sparse", "dense")):
             decoders[name].step()
     sparse_layer = policies["sparse"].sparse_layer
-    return _Decoded({name: statistics.median(d.seconds) for name, d in decoders.items()},
-                    {name: d.kv_report(sparse_layer) for name, d in decoders.items()}, rule)
+    seconds = {name: statistics.median(d.seconds) for name, d in decoders.items()}
+    reports = {name: d.kv_report(sparse_layer) for name, d in decoders.items()}
+    return _Decoded(seconds, reports, rule, {name: d.recorded_step() for name, d in decoders.items()})
 
 
 def _result(args: argparse.Namespace, device: torch.device, inputs: Inputs, runs: dict[str, dict[str, list[float]]],
@@ -551,6 +562,7 @@ def _result(args: argparse.Namespace, device: torch.device, inputs: Inputs, runs
         "kv_cache_bytes_after_prefill": warm.kv_bytes,
         "kv_cache": reports,
         "output_keep_rule": decoded.output_keep_rule,
+        "attention_kernels": {"prefill": warm.kernels, "decode": decoded.kernels},
         "flops_prefill_per_sample": flops,
         "parity": {"tiny_fp32_all_positions_max_rel_diff": parity,
                    "this_shape_next_token_logits_max_rel_diff": warm.logits_diff,
@@ -626,6 +638,8 @@ def _print_summary(r: dict[str, Any]) -> None:
               f"(entry check: {'OK' if dense['entries_check'] and sparse['entries_check'] else 'FAILED'}); "
               f"{mib(sparse['kv_cache_bytes_sparse_layers'])} vs {mib(dense['kv_cache_bytes_sparse_layers'])} MiB")
     print(f"output keep rule: {r['output_keep_rule']}")
+    for phase, kernels in r["attention_kernels"].items():
+        print(f"SDPA kernels, {phase}: " + "; ".join(f"{name} {describe(k)}" for name, k in kernels.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
