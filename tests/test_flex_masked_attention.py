@@ -18,7 +18,7 @@ from dynamic_llava.model import flex_masked_attention
 from dynamic_llava.model.decoder import Attention
 from dynamic_llava.model.flex_masked_attention import flex_attention_available, flex_masked_softmax_attention
 from dynamic_llava.model.loading import load_pretrained_model
-from dynamic_llava.model.masked_attention import _MAX_LOG_RATIO, masked_softmax_attention
+from dynamic_llava.model.masked_attention import MAX_LOG_RATIO, masked_softmax_attention
 from dynamic_llava.model.sparsity_training import SparsityTraining, masked_attention_function, use_masked_attention
 from dynamic_llava.train import train as train_module
 from dynamic_llava.train.train import main, parse_args
@@ -77,7 +77,7 @@ def test_values_and_gradients_equal_the_blocked_implementation(b: int, h: int, h
 
 def test_a_key_far_above_the_kept_ones_is_capped_alike() -> None:
     """A dropped key scoring e^40 above everything its later queries keep: exp(s - lse) is capped at
-    exp(_MAX_LOG_RATIO) in both, so dkeep is large, finite and equal."""
+    exp(MAX_LOG_RATIO) in both, so dkeep is large, finite and equal."""
     q, k, v, keep, valid, grad_out = _inputs(1, 2, 2, 12, 8)
     keep[:] = 1.0
     keep[0, 3] = 0.0
@@ -87,7 +87,7 @@ def test_a_key_far_above_the_kept_ones_is_capped_alike() -> None:
     s = q[0] @ k[0].transpose(-1, -2) / math.sqrt(q.shape[-1])
     lse = s.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), -math.inf).masked_fill(
         (keep[0] == 0) & ~torch.eye(12, dtype=torch.bool), -math.inf).logsumexp(-1)
-    assert (s[:, 4:, 3] - lse[:, 4:]).max() > _MAX_LOG_RATIO  # the cap is active
+    assert (s[:, 4:, 3] - lse[:, 4:]).max() > MAX_LOG_RATIO  # the cap is active
     assert torch.isfinite(ours[4]).all() and ours[4][0, 3].abs() > 1e6
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

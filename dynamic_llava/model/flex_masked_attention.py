@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .masked_attention import _MAX_LOG_RATIO
+from .masked_attention import MAX_LOG_RATIO
 
 try:  # AuxRequest (torch >= 2.9) is the lse API this module relies on
     from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
@@ -91,7 +91,7 @@ def _keep_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid:
     def ratio(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, j: torch.Tensor, i: torch.Tensor
               ) -> torch.Tensor:
         # exp(s - lse) for a dropped key can exceed 1 (the normaliser covers kept keys only): capped
-        return torch.clamp(score - lse[b, h, i], max=_MAX_LOG_RATIO)
+        return torch.clamp(score - lse[b, h, i], max=MAX_LOG_RATIO)
 
     keys_as_queries = k.repeat_interleave(group, 1) if group > 1 else k
     moved, moved_lse = _flex(keys_as_queries, q, values, ratio, _masks.get("later", key_valid, t),

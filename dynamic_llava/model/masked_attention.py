@@ -21,7 +21,7 @@ import torch
 _BLOCK_BYTES = 256 * 2**20  # fp32 bytes of one [B, heads, T, T] score block
 # exp(s - lse) for a dropped key can exceed 1 (the normaliser only covers kept keys); capped so a
 # key scoring far above every kept key gives a large, finite gradient instead of inf.
-_MAX_LOG_RATIO = 30.0
+MAX_LOG_RATIO = 30.0
 
 
 def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -117,7 +117,7 @@ class _MaskedSoftmaxAttention(torch.autograd.Function):
                 heads = slice(lo * group, hi * group)
                 s = _scores(q[:, heads], k[:, lo:hi], group, visible)
                 # exp(s - lse): softmax weight as if G_ij were 1; 0 where invisible.
-                ratio = s.sub_(lse[:, heads, :, None]).clamp_(max=_MAX_LOG_RATIO).exp_()
+                ratio = s.sub_(lse[:, heads, :, None]).clamp_(max=MAX_LOG_RATIO).exp_()
                 vv = v[:, lo:hi].to(dtype).repeat_interleave(group, dim=1)
                 kk = k[:, lo:hi].to(dtype).repeat_interleave(group, dim=1)
                 dp = torch.matmul(grad_out[:, heads], vv.transpose(-1, -2)).sub_(delta[:, heads])
