@@ -167,6 +167,22 @@ def test_legacy_false_keeps_llava_s_labels_where_its_count_fits(modern_tokenizer
     assert [modern_tokenizer.decode(run) for run in supervised_runs(labels)] == [ANSWERS[0] + END_OF_TURN[version]]
 
 
+def test_a_tokenizer_json_alone_read_as_non_legacy_is_named_as_the_cause(modern_tokenizer, tiny_llava_dir,
+                                                                          tmp_path):
+    """Without tokenizer.model, transformers reads tokenizer.json as legacy=False and every multi-turn v1
+    sample mismatches: the warning says so and what to add (the first bundled demo model had this)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_llava_dir / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": False}))
+    json_only = open_tokenizer(tmp_path)
+    with pytest.warns(UserWarning, match="s0: .*mismatch.*no tokenizer.model and reads as legacy=False"):
+        preprocess(conversation(2), 1, json_only, PromptFormat("v1"), "s0")
+    with pytest.warns(UserWarning, match="mismatch") as record:  # with tokenizer.model: LLaVA's own mismatch
+        preprocess(conversation(2), 1, modern_tokenizer, PromptFormat("v1"), "s1")
+    assert "tokenizer.model" not in str(record[0].message)
+
+
 @pytest.mark.parametrize("version", ["mpt", "chatml_direct"])
 def test_chatml_templates_mask_everything_with_a_llama_tokenizer(tokenizer, version):
     """LLaVA's preprocess_mpt counts rounds for a tokenizer without BOS; with LLaMA's it never fits."""

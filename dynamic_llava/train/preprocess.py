@@ -30,7 +30,7 @@ import torch
 from dynamic_llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.conversation import Conversation, SeparatorStyle, get_conv_template
 from dynamic_llava.errors import UserError
-from dynamic_llava.mm_utils import tokenizer_image_token
+from dynamic_llava.mm_utils import slow_llama_encoder, tokenizer_image_token
 from dynamic_llava.prompting import ASSISTANT, USER, Turn, image_token, render_conversation
 
 _ROLES = {"human": USER, "gpt": ASSISTANT}
@@ -220,10 +220,20 @@ def preprocess(conversations: Any, num_images: int, tokenizer: Any, prompt_forma
         labels = _prefix_labels(prompt, input_ids, spans, tokenizer)
     if labels is None:
         warnings.warn(f"sample {sample_id}: tokens do not line up with the answer boundaries (LLaVA's "
-                      "\"tokenization mismatch\"); the sample is kept but none of its tokens is supervised",
-                      stacklevel=2)
+                      "\"tokenization mismatch\"); the sample is kept but none of its tokens is supervised"
+                      + _mismatch_hint(tokenizer), stacklevel=2)
         labels = [IGNORE_INDEX] * len(input_ids)
     return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def _mismatch_hint(tokenizer: Any) -> str:
+    """The likely cause when the tokenizer is a tokenizer.json read as legacy=False: LLaVA's token counting
+    assumes the slow SentencePiece LLaMA tokenizer, which needs tokenizer.model (without it, every
+    multi-turn `v1` sample mismatches)."""
+    if slow_llama_encoder(tokenizer) is not None or getattr(tokenizer, "legacy", True):
+        return ""
+    return ("; this tokenizer has no tokenizer.model and reads as legacy=False, which LLaVA's round counting "
+            "does not follow: put the base LLM's tokenizer.model beside tokenizer.json")
 
 
 def fit_to_length(input_ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None,
