@@ -63,7 +63,7 @@ def test_exact_flops_match_an_operator_level_count_of_the_real_forward() -> None
     from torch.utils.flop_counter import FlopCounterMode
 
     from dynamic_llava.bench.flops import exact_prefill_flops, schedules
-    from dynamic_llava.bench.prefill import DENSE, SPARSE, build_model
+    from dynamic_llava.bench.random_llava import DENSE, SPARSE, build_model
     from dynamic_llava.bench.shapes import SHAPES
     from dynamic_llava.constants import IMAGE_TOKEN_INDEX
     from dynamic_llava.model.policy import make_policy
@@ -123,7 +123,7 @@ def test_total_from_steps_interpolates_between_measured_points() -> None:
 
 
 def test_decoder_fill_matches_real_decoding_entry_counts() -> None:
-    from dynamic_llava.bench.prefill import DENSE, Decoder, build_model, make_inputs
+    from dynamic_llava.bench.random_llava import DENSE, Decoder, build_model, make_inputs
     from dynamic_llava.bench.shapes import SHAPES
     from dynamic_llava.model.policy import make_policy
 

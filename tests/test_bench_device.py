@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dynamic_llava.bench import device as bench_device
-from dynamic_llava.bench.prefill import build_model
+from dynamic_llava.bench.random_llava import build_model
 from dynamic_llava.bench.shapes import SHAPES
 from dynamic_llava.cli import main
 from dynamic_llava.errors import UserError

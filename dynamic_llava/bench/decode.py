@@ -40,7 +40,7 @@ from .device import (
     resolve_dtype_name, timed,
 )
 from .output import write_json
-from .prefill import Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs, make_policies
+from .random_llava import Decoder, Inputs, build_model, calibrate_output_predictor, make_inputs, make_policies
 from .shapes import SHAPES
 
 _ACTIVATION_MARGIN = 1 << 30  # bytes left for one decode step's activations when judging what fits

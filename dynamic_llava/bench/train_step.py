@@ -163,7 +163,7 @@ def parameter_count(shape: Shape) -> int:
 
 
 def build_training_model(config: StepConfig) -> DynamicLlavaForCausalLM:
-    from .prefill import (
+    from .random_llava import (
         build_model,  # transformers' LLaVA classes: only the worker needs them
     )
 
