@@ -25,7 +25,7 @@ def test_write_puts_each_sample_after_its_own_length() -> None:
 
     k1, v1 = _entries(2, 2, seed=1)
     positions = torch.tensor([[5, 6], [3, 4]])
-    keys, values, key_positions, valid = cache.write(k1, v1, positions, torch.tensor([2, 2]))
+    keys, values, key_positions, valid, _ = cache.write(k1, v1, positions, torch.tensor([2, 2]))
 
     expected_k, expected_v, expected_positions = before_k, before_v, before_positions
     grow = cache.capacity - expected_k.shape[2]

@@ -72,10 +72,11 @@ class LayerKVCache:
         return torch.arange(len(slots), device=slots.device)[:, None].expand_as(slots), slots
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Write new entries (k, v: [B, Hkv, T, D]; positions [B, T]; n_new [B] real ones, right-padded).
 
-        Returns keys, values, key positions and key validity over the used slots.
+        Returns keys, values, key positions and key validity over the used slots, and whether every slot
+        is valid (no row is padded), read in the one host sync of the write.
         """
         t = k.shape[2]
         if self.capacity == 0:
@@ -83,8 +84,10 @@ class LayerKVCache:
             # of a dense 7B prefill.
             self.k, self.v, self.positions = k, v, positions.clone()
             valid = torch.arange(t, device=k.device)[None, :] < n_new[:, None]
-            return k, v, self.positions, valid
-        end = int((self.lengths + t).max())
+            return k, v, self.positions, valid, bool((n_new == t).all())
+        # One host sync per layer and step: the slots in use, and whether every row fills them
+        lengths, new = torch.stack((self.lengths, n_new.to(self.lengths.device))).tolist()
+        end = max(lengths) + t
         self._reserve(end)
         rows, slots = self._next_slots(t)
         self.k[rows, :, slots] = k.transpose(1, 2)
@@ -93,7 +96,8 @@ class LayerKVCache:
         if self.scores is not None:
             self.scores[rows, slots] = 0.0  # the slots may hold an evicted or scratch entry's sum
         valid = torch.arange(end, device=k.device)[None, :] < (self.lengths + n_new)[:, None]
-        return self.k[:, :, :end], self.v[:, :, :end], self.positions[:, :end], valid
+        unpadded = all(length + n == end for length, n in zip(lengths, new))
+        return self.k[:, :, :end], self.v[:, :, :end], self.positions[:, :end], valid, unpadded
 
     def accumulate(self, attention: torch.Tensor) -> None:
         """Add attention [B, S] received by the first S slots (this forward's queries, summed over heads)."""

@@ -107,25 +107,23 @@ class Attention(nn.Module):
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                n_new: torch.Tensor, cache: LayerKVCache, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                n_new: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
-        # Keys exactly these tokens, unpadded, in increasing position order: the mask is triangular.
-        causal = key_mask is None and t > 1 and bool((cache.lengths == 0).all()) and bool((n_new == t).all())
-        keys, values, key_positions, key_valid = cache.write(k, v, positions, n_new)
+        keys, values, key_positions, key_valid, unpadded = cache.write(k, v, positions, n_new)
         if cache.tracks_attention:  # H2O: the attention each entry receives, from this forward's real queries
-            mask = attention_mask(positions, key_positions, key_valid)
-            out, probs = _explicit_attention(q, keys, values, mask if key_mask is None else mask & key_mask)
+            out, probs = _explicit_attention(q, keys, values, attention_mask(positions, key_positions, key_valid))
             real = torch.arange(t, device=x.device)[None, :] < n_new[:, None]
             cache.accumulate((probs.sum(1) * real[..., None]).sum(1))
-        elif causal:
+        elif t > 1 and unpadded and bool((cache.lengths == 0).all()):
+            # Keys exactly these tokens, unpadded, in increasing position order: the mask is triangular.
             out = _sdpa(q, keys, values, None, causal=True)
+        elif t == 1 and unpadded:
+            # One query per row that sees every key (decoding with equal cache lengths; cached positions all
+            # precede it): no mask, which is the same attention and lets SDPA use flash attention on GPU
+            out = _sdpa(q, keys, values, None, causal=False)
         else:
-            mask = attention_mask(positions, key_positions, key_valid)
-            mask = mask if key_mask is None else mask & key_mask
-            # One query that sees every key (decoding with equal cache lengths): no mask, which is the same
-            # attention and lets SDPA use flash attention on GPU (a mask rules it out)
-            out = _sdpa(q, keys, values, None if t == 1 and bool(mask.all()) else mask, causal=False)
+            out = _sdpa(q, keys, values, attention_mask(positions, key_positions, key_valid), causal=False)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def last_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -178,12 +176,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                n_new: torch.Tensor, cache: LayerKVCache, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, C] right-padded (n_new [B] real tokens), positions [B, T] true RoPE positions.
-
-        key_mask [B, 1, T, S], if given, further restricts which keys each query sees.
-        """
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, n_new, cache, key_mask)
+                n_new: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
+        """x [B, T, C] right-padded (n_new [B] real tokens), positions [B, T] true RoPE positions."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, n_new, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def last_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
