@@ -4,6 +4,7 @@ The CUDA variants (marker `gpu`) run the compiled kernels in bf16 and fp32."""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -310,3 +311,14 @@ def test_flex_trains_the_tiny_model_like_the_blocked_one_in_bf16(tiny_llava_dir:
         ours = torch.cat([grads_f[n].flatten() for n in subset])
         assert ours.device.type == device and torch.isfinite(ours).all() and ref.norm() > 0
         assert ((ours - ref).norm() / ref.norm()).item() < 5e-2, len(subset)
+
+
+@pytest.mark.parametrize("b, h, h_kv, t, d", SHAPES)
+def test_the_bounded_keep_gradient_equals_the_blocked_one(b: int, h: int, h_kv: int, t: int, d: int) -> None:
+    inputs = _inputs(b, h, h_kv, t, d)
+    ref = _run(functools.partial(masked_softmax_attention, bounded_keep_gradient=True), *inputs)
+    ours = _run(functools.partial(flex_masked_softmax_attention, bounded_keep_gradient=True), *inputs)
+    for a, b_ in zip(ours, ref):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+    exact = _run(masked_softmax_attention, *inputs)[4]
+    assert (exact - ref[4]).abs().max() > 1e-3  # bounded differs from the derivative at dropped keys

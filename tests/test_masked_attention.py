@@ -103,3 +103,32 @@ def test_bf16_is_finite_and_close() -> None:
     assert out.dtype == torch.bfloat16 and qb.grad.dtype == torch.bfloat16
     assert torch.isfinite(keep_b.grad).all() and torch.isfinite(qb.grad.float()).all()
     assert (out.float() - ref).abs().max() < 0.05
+
+
+def _linear_loss(q, k, v, keep, grad_out) -> float:
+    return (masked_softmax_attention(q, k, v, keep) * grad_out).sum().item()
+
+
+def test_the_bounded_keep_gradient_of_a_dropped_key_is_the_change_from_adding_it_back() -> None:
+    """For a loss linear in the output, flipping a dropped key to kept changes the loss by exactly the bounded
+    gradient; a kept key keeps the derivative, the same as the exact gradient's."""
+    q, k, v = (x.double() for x in _inputs(t=10))
+    k[0, :, 2] = q[0].mean((0, 1)) * 30.0  # a dropped key far above what the later queries keep
+    keep = torch.tensor([[1, 0, 0, 1, 1, 0, 1, 1, 0, 1], [1, 1, 0, 1, 0, 1, 0, 1, 1, 0]], dtype=torch.float64)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def dkeep(bounded: bool) -> torch.Tensor:
+        soft = keep.clone().requires_grad_()
+        out = masked_softmax_attention(q, k, v, soft, bounded_keep_gradient=bounded)
+        return torch.autograd.grad(out, soft, grad_out)[0]
+
+    exact, bounded = dkeep(False), dkeep(True)
+    base = _linear_loss(q, k, v, keep, grad_out)
+    for b, j in (keep[:, :-1] == 0).nonzero().tolist():  # the last slot has no later query
+        flipped = keep.clone()
+        flipped[b, j] = 1.0
+        assert bounded[b, j].item() == pytest.approx(_linear_loss(q, k, v, flipped, grad_out) - base, abs=1e-9)
+    kept = keep == 1
+    torch.testing.assert_close(bounded[kept], exact[kept])
+    # the key far above the kept ones: the derivative is far larger than the change it stands for
+    assert exact[0, 2].abs() > 100 * bounded[0, 2].abs()

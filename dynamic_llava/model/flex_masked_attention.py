@@ -41,9 +41,11 @@ def flex_attention_available() -> bool:
 
 
 def flex_masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                                  key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                                  key_valid: torch.Tensor | None = None, bounded_keep_gradient: bool = False
+                                  ) -> torch.Tensor:
     """`masked_softmax_attention` on FlexAttention: q [B, H, T, D], k/v [B, Hkv, T, D] (H a multiple of Hkv),
-    keep [B, T] in [0, 1] (differentiable), key_valid [B, T] bool (None: all valid) -> out [B, H, T, D]."""
+    keep [B, T] in [0, 1] (differentiable), key_valid [B, T] bool (None: all valid) -> out [B, H, T, D].
+    `bounded_keep_gradient`: as in `masked_softmax_attention`."""
     if key_valid is None:
         key_valid = torch.ones(keep.shape, dtype=torch.bool, device=keep.device)
     # Scores are fp32 in flex's kernels (fp64 in its math path for fp64 inputs): log(keep) alike
@@ -54,7 +56,7 @@ def flex_masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return torch.where(i == j, score, score + log_keep[b, j])  # a dropped token still sees itself
 
     out, lse = _flex(q, k, v, gate, _masks.get("visible", key_valid, k.shape[2]), 1.0 / math.sqrt(q.shape[-1]))
-    return _KeepGradient.apply(out, keep, q, k, v, key_valid, lse.detach())
+    return _KeepGradient.apply(out, keep, q, k, v, key_valid, lse.detach(), bounded_keep_gradient)
 
 
 class _KeepGradient(torch.autograd.Function):
@@ -62,24 +64,27 @@ class _KeepGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, keep: torch.Tensor, q: torch.Tensor, k: torch.Tensor,  # type: ignore[override]
-                v: torch.Tensor, key_valid: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(q, k, v, key_valid, out, lse)  # flex saves these too: no extra memory
+                v: torch.Tensor, key_valid: torch.Tensor, lse: torch.Tensor, bounded_keep_gradient: bool
+                ) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v, keep, key_valid, out, lse)  # flex saves these too: no extra memory
         ctx.keep_dtype = keep.dtype
+        ctx.bounded_keep_gradient = bounded_keep_gradient
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         dkeep = None
         if ctx.needs_input_grad[1]:
-            dkeep = _keep_gradient(*ctx.saved_tensors, grad_out).to(ctx.keep_dtype)
-        return grad_out, dkeep, None, None, None, None, None
+            dkeep = _keep_gradient(*ctx.saved_tensors, grad_out, ctx.bounded_keep_gradient).to(ctx.keep_dtype)
+        return grad_out, dkeep, None, None, None, None, None, None
 
 
-def _keep_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def _keep_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, key_valid: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, bounded: bool) -> torch.Tensor:
     """dL/dkeep [B, T] (fp32 at least). Query j of the transposed call is key j, its keys the later queries i:
     score s_ij - lse_i (capped), values [dO_i, delta_i], so sum_i exp(s_ij - lse_i) [dO_i, delta_i] is
-    exp(lse'_j) out'_j, and dL/dkeep_j = sum_h exp(lse'_jh) (v_j . out'_jh[:D] - out'_jh[D])."""
+    exp(lse'_j) out'_j, and dL/dkeep_j = sum_h exp(lse'_jh) (v_j . out'_jh[:D] - out'_jh[D]). `bounded`: a
+    dropped key's score is log(r / (1 + r)) = logsigmoid(s_ij - lse_i) instead of log r."""
     b, h, t, d = q.shape
     group = h // k.shape[1]
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -91,7 +96,12 @@ def _keep_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid:
     def ratio(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, j: torch.Tensor, i: torch.Tensor
               ) -> torch.Tensor:
         # exp(s - lse) for a dropped key can exceed 1 (the normaliser covers kept keys only): capped
-        return torch.clamp(score - lse[b, h, i], max=MAX_LOG_RATIO)
+        log_ratio = torch.clamp(score - lse[b, h, i], max=MAX_LOG_RATIO)
+        if not bounded:
+            return log_ratio
+        return torch.where(dropped[b, j], torch.nn.functional.logsigmoid(log_ratio), log_ratio)
+
+    dropped = keep.detach() <= 0
 
     keys_as_queries = k.repeat_interleave(group, 1) if group > 1 else k
     moved, moved_lse = _flex(keys_as_queries, q, values, ratio, _masks.get("later", key_valid, t),

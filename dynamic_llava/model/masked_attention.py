@@ -7,6 +7,13 @@ token still sees itself). The mask multiplies the exponentials, so dL/dkeep_j is
 keep_j = 0 (an additive -inf mask would have no gradient there): it tells the predictor how the loss
 would change if the token were kept.
 
+That derivative is r_ij (dO_i . v_j - dO_i . O_i) with r_ij = exp(s_ij) / sum_j' exp(s_ij') G_ij'. For a
+dropped key r_ij has no upper bound: a key scoring far above every kept key gets a gradient that swamps
+the keep-rate regulariser (on a dense model that attends sharply, stage 3 then learns to keep every
+token). `bounded_keep_gradient` replaces r_ij by r_ij / (1 + r_ij) for dropped keys: the exact change of
+O_i when key j is added back (the secant from keep_j = 0 to 1, at most |v_j - O_i|), equal to the
+derivative where r_ij is small. Kept keys (r_ij <= 1) keep the derivative.
+
 Memory stays like FlashAttention's: only q, k, v, the output and the per-row log-normaliser are
 saved; the [T, T] score blocks are recomputed in backward, a few heads at a time, so the fp32 score
 tensor never exceeds `_BLOCK_BYTES` (instead of B x H x T x T fp32 copies per layer kept by autograd).
@@ -25,12 +32,14 @@ MAX_LOG_RATIO = 30.0
 
 
 def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                             key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                             key_valid: torch.Tensor | None = None, bounded_keep_gradient: bool = False
+                             ) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, T, D] (H a multiple of Hkv), keep [B, T] (0/1, differentiable),
-    key_valid [B, T] bool (None: all valid) -> out [B, H, T, D]. Causal over slot order."""
+    key_valid [B, T] bool (None: all valid) -> out [B, H, T, D]. Causal over slot order.
+    `bounded_keep_gradient`: dropped keys' dL/dkeep from the secant, not the derivative (module docstring)."""
     if key_valid is None:
         key_valid = torch.ones(keep.shape, dtype=torch.bool, device=keep.device)
-    return _MaskedSoftmaxAttention.apply(q, k, v, keep, key_valid)
+    return _MaskedSoftmaxAttention.apply(q, k, v, keep, key_valid, bounded_keep_gradient)
 
 
 def _visible(key_valid: torch.Tensor) -> torch.Tensor:
@@ -72,7 +81,8 @@ def _scores(q: torch.Tensor, k: torch.Tensor, group: int, visible: torch.Tensor)
 class _MaskedSoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,  # type: ignore[override]
-                key_valid: torch.Tensor) -> torch.Tensor:
+                key_valid: torch.Tensor, bounded_keep_gradient: bool) -> torch.Tensor:
+        ctx.bounded_keep_gradient = bounded_keep_gradient
         with torch.autocast(q.device.type, enabled=False):
             n_kv = k.shape[1]
             group = q.shape[1] // n_kv
@@ -122,7 +132,9 @@ class _MaskedSoftmaxAttention(torch.autograd.Function):
                 kk = k[:, lo:hi].to(dtype).repeat_interleave(group, dim=1)
                 dp = torch.matmul(grad_out[:, heads], vv.transpose(-1, -2)).sub_(delta[:, heads])
                 if ctx.needs_input_grad[3]:
-                    dkeep += (ratio * dp).masked_fill_(~off_diagonal, 0.0).sum(dim=(1, 2))
+                    weight = torch.where(gate > 0, ratio, ratio / (1.0 + ratio)) if ctx.bounded_keep_gradient \
+                        else ratio
+                    dkeep += (weight * dp).masked_fill_(~off_diagonal, 0.0).sum(dim=(1, 2))
                 p = ratio.mul_(gate)
                 ds = dp.mul_(p)  # dL/ds_ij = P_ij (dO_i . v_j - dO_i . O_i)
                 dq[:, heads] = torch.matmul(ds, kk).mul_(scale)
@@ -130,4 +142,4 @@ class _MaskedSoftmaxAttention(torch.autograd.Function):
                 dk[:, lo:hi] = torch.matmul(ds.transpose(-1, -2), q[:, heads].to(dtype)).mul_(scale) \
                     .view(b, n, group, t, d).sum(2)
                 dv[:, lo:hi] = torch.matmul(p.transpose(-1, -2), grad_out[:, heads]).view(b, n, group, t, d).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkeep.to(keep.dtype), None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkeep.to(keep.dtype), None, None

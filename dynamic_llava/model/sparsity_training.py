@@ -9,6 +9,8 @@ Everything else is kept.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,16 +43,28 @@ class SparsityTraining:
 MASKED_ATTENTION = ("blocked", "flex")
 
 
-def masked_attention_function(name: str) -> Callable[..., torch.Tensor]:
-    """The implementation called `name` (one of MASKED_ATTENTION); UserError if this torch lacks it."""
+# How dL/dkeep treats a dropped key (`--keep_gradient`): "exact", the masked softmax's derivative (the
+# reference's), or "bounded", the change of the output when the key is added back (masked_attention.py).
+KEEP_GRADIENTS = ("exact", "bounded")
+
+
+def masked_attention_function(name: str, keep_gradient: str = "exact") -> Callable[..., torch.Tensor]:
+    """The implementation called `name` (one of MASKED_ATTENTION) with the keep gradient `keep_gradient` (one of
+    KEEP_GRADIENTS); UserError if this torch lacks it."""
+    if keep_gradient not in KEEP_GRADIENTS:
+        raise UserError(f"keep gradient must be one of {', '.join(KEEP_GRADIENTS)}, got {keep_gradient!r}")
     if name == "blocked":
-        return masked_softmax_attention
-    if name != "flex":
+        implementation = masked_softmax_attention
+    elif name != "flex":
         raise UserError(f"masked attention must be one of {', '.join(MASKED_ATTENTION)}, got {name!r}")
-    if not flex_attention_available():
+    elif not flex_attention_available():
         raise UserError(f"masked attention 'flex' needs torch.nn.attention.flex_attention with AuxRequest "
                         f"(torch >= 2.9); this is torch {torch.__version__}: use 'blocked'")
-    return flex_masked_softmax_attention
+    else:
+        implementation = flex_masked_softmax_attention
+    if keep_gradient == "bounded":
+        return functools.partial(implementation, bounded_keep_gradient=True)
+    return implementation
 
 
 def use_masked_attention(model: nn.Module, implementation: Callable[..., torch.Tensor]) -> int:

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from ..errors import UserError
-from ..model.sparsity_training import MASKED_ATTENTION, masked_attention_function
+from ..model.sparsity_training import KEEP_GRADIENTS, MASKED_ATTENTION, masked_attention_function
 
 # Later transformers 5 releases renamed --gradient_checkpointing(_kwargs) to --activation_checkpointing(_kwargs)
 # and warn on the old names, which LLaVA's scripts use; 5.0 knows only the old ones.
@@ -61,9 +61,15 @@ class SparseArguments:
         "help": "masked-softmax attention of the layers from sparse_layer on: blocked (score blocks recomputed in "
                 "backward, any device) or flex (FlexAttention, fused kernels on CUDA, torch >= 2.9; the same values "
                 "and gradients)"})
+    keep_gradient: str = field(default="exact", metadata={
+        "choices": list(KEEP_GRADIENTS),
+        "help": "dL/dkeep of a dropped token: exact (the masked softmax's derivative, as the reference; unbounded "
+                "when the token outscores every kept one) or bounded (the change of the attention output when the "
+                "token is added back)"})
 
     def __post_init__(self) -> None:
-        masked_attention_function(self.masked_attention)  # this torch lacks flex: UserError before any work
+        # this torch lacks flex, or a name is wrong: UserError before any work
+        masked_attention_function(self.masked_attention, self.keep_gradient)
 
     def sparse_config(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in (
