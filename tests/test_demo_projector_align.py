@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dynamic_llava.data.scenes import Scene, SceneObject
 from dynamic_llava.data.synth import SynthConfig, write_dataset
 from dynamic_llava.demo import tower_pretrain
-from dynamic_llava.demo.projector_align import align_projector, patch_slots, slot_tables
+from dynamic_llava.demo.projector_align import align_projector, patch_slots, place_slots, slot_tables
 from dynamic_llava.demo.tower_pretrain import patch_labels
 from dynamic_llava.model.checkpoint_files import load_image_processor, open_tokenizer
 from dynamic_llava.model.loading import load_pretrained_model
@@ -45,6 +45,27 @@ def test_a_patch_slot_sums_the_embeddings_of_its_object_words(parts: Path) -> No
     assert torch.allclose(slots[3, 7], word("grey") + word("star"), atol=1e-6)
     for row, col in [(0, 0), (3, 4), (4, 3)]:  # every other patch, the neighbours of an object's too
         assert torch.allclose(slots[row, col], 2 * word("background"), atol=1e-6)
+
+
+def test_a_patch_slot_carries_its_place_along_the_position_words(parts: Path) -> None:
+    """The place slot of the patch at (row, col) is x (right - left) / 2 + y (below - above) / 2 with x, y in
+    [-1, 1]; so two patches' slots differ along right - left exactly by their column difference."""
+    tokenizer = open_tokenizer(parts / "llm")
+    embeddings = load_file(parts / "llm" / "model.safetensors")["model.embed_tokens.weight"]
+
+    def word(text: str) -> torch.Tensor:
+        return embeddings[tokenizer(text, add_special_tokens=False).input_ids].mean(dim=0)
+
+    places = place_slots(tokenizer, embeddings, 8).view(8, 8, -1)
+    across, down = (word("right") - word("left")) / 2, (word("below") - word("above")) / 2
+    assert torch.allclose(places[0, 0], -across - down, atol=1e-6)  # top left
+    assert torch.allclose(places[7, 7], across + down, atol=1e-6)  # bottom right
+    assert torch.allclose(places[2, 5], (3 / 7) * across - (3 / 7) * down, atol=1e-6)
+    scene = Scene("train_000000", 0, (SceneObject("square", "green", 3, 3, 3.5 / 8, 3.5 / 8),))
+    labels = patch_labels(scene, 112, 14)
+    tables = slot_tables(tokenizer, embeddings)
+    with_place = patch_slots(labels, tables, place_slots(tokenizer, embeddings, 8)).view(8, 8, -1)
+    torch.testing.assert_close(with_place - patch_slots(labels, tables).view(8, 8, -1), places)
 
 
 @pytest.mark.parametrize("select_layer", [-1, -2])

@@ -227,6 +227,13 @@ def test_the_training_flag_reaches_every_layer(tiny_llava_dir: Path, tmp_path: P
     attentions = [m for m in built.value.args[0].modules() if isinstance(m, Attention)]
     assert attentions and all(a.masked_attention is flex_masked_softmax_attention for a in attentions)
 
+    assert parse_args(argv)[3].keep_gradient == "exact"
+    with pytest.raises(Built) as built:
+        train_module.train([*argv, "--keep_gradient", "bounded"], sparse=True)
+    for attention in (m for m in built.value.args[0].modules() if isinstance(m, Attention)):
+        assert attention.masked_attention.func is masked_softmax_attention
+        assert attention.masked_attention.keywords == {"bounded_keep_gradient": True}
+
 
 def test_flex_without_flex_attention_is_a_user_error(tiny_llava_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -5,8 +5,11 @@ already reads words. The chain's LLM starts from scratch, and captions teach its
 (RESULTS, "Where the look-up breaks"). The generator knows every object, so the target can be given
 directly: for each patch, the sum of the start LLM's mean input embeddings of its object's colour word
 ("grey" for a distractor) and shape word, or twice that of "background" where the patch has no object
-(every object lies inside one patch, `tower_pretrain.patch_labels`). Where an object is needs no word:
-the LLM reads it from the image token's position. The projector (LLaVA's mlp2x_gelu, on the tower's
+(every object lies inside one patch, `tower_pretrain.patch_labels`), plus the patch's place: its column
+and row in [-1, 1] along the directions "left" -> "right" and "above" -> "below" of the same embeddings
+(a CLIP patch feature carries its place through the position embedding). Without the place, the LLM
+would have to read where an object is from its image token's sequence position, and a 4-layer LLM
+trained from scratch never learnt to compare two of those (positions stayed at chance). The projector (LLaVA's mlp2x_gelu, on the tower's
 selected features) is fitted to these slots with a mean-squared error and written as LLaVA's stage 1
 writes it (config.json + mm_projector.bin), for stage 2 to load with `--pretrain_mm_mlp_adapter` and
 keep frozen.
@@ -32,20 +35,38 @@ from .tower_pretrain import HEADS, SceneSplits
 BACKGROUND = "background"
 
 
+def word_embedding(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor, text: str) -> torch.Tensor:
+    """[C]: the mean input embedding of `text`'s tokens."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return embeddings[ids].float().mean(dim=0)
+
+
 def slot_tables(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per patch head, [classes + 1, C]: the mean input embedding of each class's word (the classes of
     `tower_pretrain.HEADS` are words: "red", ..., "grey"; "circle", ...), then of "background" (the patch
     labels' extra last class)."""
+    return {head: torch.stack([word_embedding(tokenizer, embeddings, w) for w in (*words, BACKGROUND)])
+            for head, words in HEADS.items()}
+
+
+def place_slots(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor, grid: int) -> torch.Tensor:
+    """[grid * grid, C]: per patch (reading order), x (e("right") - e("left")) / 2 + y (e("below") - e("above")) / 2
+    with x, y its column and row scaled to [-1, 1] (e: mean input embedding of a word)."""
     def word(text: str) -> torch.Tensor:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        return embeddings[ids].float().mean(dim=0)
+        return word_embedding(tokenizer, embeddings, text)
 
-    return {head: torch.stack([word(w) for w in (*words, BACKGROUND)]) for head, words in HEADS.items()}
+    across, down = (word("right") - word("left")) / 2, (word("below") - word("above")) / 2
+    coordinate = torch.linspace(-1.0, 1.0, grid)
+    x, y = coordinate.repeat(grid), coordinate.repeat_interleave(grid)
+    return x[:, None] * across + y[:, None] * down
 
 
-def patch_slots(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[..., C]: per patch, the sum over the heads of the slot of its label (`labels[head]`: [...] class ids)."""
-    return sum(tables[head][labels[head]] for head in HEADS)
+def patch_slots(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
+                places: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., P, C]: per patch, the sum over the heads of the slot of its label (`labels[head]`: [..., P] class
+    ids), plus its place slot (`places` [P, C], from `place_slots`) when given."""
+    slots = sum(tables[head][labels[head]] for head in HEADS)
+    return slots if places is None else slots + places
 
 
 @torch.no_grad()
@@ -75,15 +96,17 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
     tokenizer, model, processor = load_base_llm(llm, str(tower), dtype=torch.float32, mm_projector_type=projector_type,
                                                 mm_vision_select_layer=select_layer, mm_vision_select_feature="patch")
     vision, projector = model.model.vision_tower, model.model.mm_projector
-    tables = slot_tables(tokenizer, model.model.embed_tokens.weight.detach())
+    embeddings = model.model.embed_tokens.weight.detach()
+    tables = slot_tables(tokenizer, embeddings)
     size, patch = vision.vision_tower.config.image_size, vision.vision_tower.config.patch_size
+    places = place_slots(tokenizer, embeddings, size // patch)
     if splits is None:
         splits = SceneSplits(data_dir, processor, size, patch)
     pixels, labels = splits["train"]
     features = _features(vision, pixels, bf16)
     # Every image's slots up front ([n, patches, C], ~1 GB for the chain's 16000 images): a step is then one
     # gather, and with the MLP in bf16 (fp32 weights) a step takes ~1/3 of the time
-    slots = patch_slots(labels, tables)
+    slots = patch_slots(labels, tables, places)
     last = [m for m in projector.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():  # start near the origin: the slots are sums of small embeddings
         last.weight.mul_(0.05)
@@ -108,7 +131,7 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
         val_pixels, val_labels = splits["val"]
         with torch.no_grad():
             predicted = projector(_features(vision, val_pixels, bf16).float())
-        target = patch_slots(val_labels, tables)
+        target = patch_slots(val_labels, tables, places)
         result["val"] = {"mse": nn.functional.mse_loss(predicted, target).item(),
                          "cosine": nn.functional.cosine_similarity(predicted, target, dim=-1).mean().item()}
     _save(model, out)
