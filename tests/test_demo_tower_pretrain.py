@@ -11,7 +11,7 @@ from transformers import CLIPVisionModel
 
 from dynamic_llava.data.scenes import COLOURS, SHAPES, Scene, SceneObject
 from dynamic_llava.data.synth import SynthConfig, write_dataset
-from dynamic_llava.demo.tower_pretrain import HEADS, patch_labels, pretrain_tower
+from dynamic_llava.demo.tower_pretrain import HEADS, patch_labels, place_labels, pretrain_tower
 from dynamic_llava.tiny.vision_tower import write_tiny_clip_tower
 
 GREY = HEADS["colour"].index("grey")
@@ -56,7 +56,8 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_changed_tower(data: Pa
     losses = [loss for _, loss in result["loss_history"]]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
     assert set(result["val"]) == {"colour_accuracy_object_patches", "shape_accuracy_object_patches",
-                                  "object_vs_background_accuracy", "target_vs_rest_accuracy"}
+                                  "object_vs_background_accuracy", "target_vs_rest_accuracy", "row_accuracy",
+                                  "column_accuracy"}
 
     assert (out_dir / "preprocessor_config.json").read_bytes() == (tower_dir / "preprocessor_config.json").read_bytes()
     before, after = load_file(tower_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
@@ -68,3 +69,9 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_changed_tower(data: Pa
     loaded = {k.removeprefix("vision_model."): v for k, v in clip.state_dict().items()}
     assert loaded.keys() == {k.removeprefix("vision_model.") for k in after}
     assert all(torch.equal(loaded[k.removeprefix("vision_model.")], v) for k, v in after.items())
+
+
+def test_place_labels_are_each_patch_row_and_column() -> None:
+    labels = place_labels(8)
+    assert labels["row"].tolist()[:9] == [0] * 8 + [1] and labels["column"].tolist()[:9] == [*range(8), 0]
+    assert labels["row"][63] == labels["column"][63] == 7

@@ -5,7 +5,9 @@ through the LLM is too weak a signal for it to learn to see. The generator knows
 dense labels are free. Linear heads on the tower's output (`select_layer`, CLS dropped, as LLaVA reads it)
 are trained with the tower and then thrown away: only the tower is saved, in the layout of the folder it
 came from. The heads are per patch only: the colour (a target's, grey for a distractor) and the shape
-of the object in the patch, or "background". Every object lies inside one cell of the scene grid, and
+of the object in the patch, or "background", and the patch's row and column (its place, which the
+projector's slots carry to the LLM: `projector_align`; a random position embedding alone, mixed with the
+content by the tower's layer norm, let the projector recover only a noisy place). Every object lies inside one cell of the scene grid, and
 the tower's patch grid is that grid (or a finer multiple of it), so these labels are exact and each
 patch's features need only say what is in that patch. No head asks for scene-wide facts (there were
 per-image summary heads once), which a tower would learn to spread over every patch: dropping a patch
@@ -37,6 +39,14 @@ from .loss_history import LossHistory
 
 # Per-patch heads: classes of each; a patch with no object gets the extra last class ("background")
 HEADS = {"colour": (*COLOURS, DISTRACTOR_COLOUR), "shape": SHAPES}
+# Per-patch place heads: the patch's row and column in the tower's patch grid
+PLACE_HEADS = ("row", "column")
+
+
+def place_labels(grid: int) -> dict[str, torch.Tensor]:
+    """[grid * grid] per place head: each patch's row and column (reading order)."""
+    index = torch.arange(grid * grid)
+    return {"row": index // grid, "column": index % grid}
 
 
 def patch_labels(scene: Scene, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
@@ -58,11 +68,12 @@ def patch_labels(scene: Scene, image_size: int, patch_size: int) -> dict[str, to
 
 
 class _Heads(nn.Module):
-    """Linear probes on the patch features, one per `HEADS` entry."""
+    """Linear probes on the patch features, one per `HEADS` and `PLACE_HEADS` entry (`grid` patches a side)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, grid: int) -> None:
         super().__init__()
-        self.patch = nn.ModuleDict({head: nn.Linear(hidden, len(values) + 1) for head, values in HEADS.items()})
+        self.patch = nn.ModuleDict({**{head: nn.Linear(hidden, len(values) + 1) for head, values in HEADS.items()},
+                                    **{head: nn.Linear(hidden, grid) for head in PLACE_HEADS}})
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {head: layer(features) for head, layer in self.patch.items()}
@@ -109,13 +120,20 @@ def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) ->
                for head in logits)
 
 
+def _with_places(labels: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
+    """`labels` ([n, patches] per `HEADS` entry) and the place labels, expanded to the same shape."""
+    n = len(next(iter(labels.values())))
+    return {**labels, **{head: value.expand(n, -1) for head, value in place_labels(grid).items()}}
+
+
 @torch.no_grad()
 def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
               select_layer: int, batch_size: int, bf16: bool) -> dict[str, float]:
-    """Held-out accuracy: per-patch attributes on object patches only (background is most patches), and
-    whether a patch is told apart as object / background and as target (coloured) / anything else."""
+    """Held-out accuracy: per-patch attributes on object patches only (background is most patches), the
+    place heads on every patch, and whether a patch is told apart as object / background and as target
+    (coloured) / anything else."""
     tower.eval()
-    predicted: dict[str, list[torch.Tensor]] = {head: [] for head in labels}
+    predicted: dict[str, list[torch.Tensor]] = {head: [] for head in heads.patch}
     for start in range(0, len(pixels), batch_size):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = tower(pixels[start:start + batch_size], output_hidden_states=True)
@@ -128,6 +146,9 @@ def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dic
         guess, truth = torch.cat(predicted[head]), labels[head]
         foreground = truth != len(values)
         result[f"{head}_accuracy_object_patches"] = (guess == truth)[foreground].float().mean().item()
+    grid = math.isqrt(labels["colour"].shape[-1])
+    for head, truth in place_labels(grid).items():
+        result[f"{head}_accuracy"] = (torch.cat(predicted[head]) == truth).float().mean().item()
     guess, truth = torch.cat(predicted["colour"]), labels["colour"]
     background = len(HEADS["colour"])
     result["object_vs_background_accuracy"] = ((guess != background) == (truth != background)).float().mean().item()
@@ -180,7 +201,8 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     if splits is None:
         splits = SceneSplits(data_dir, load_image_processor(tower_dir), config.image_size, config.patch_size)
     pixels, labels = splits["train"]
-    heads = _Heads(config.hidden_size)
+    grid = config.image_size // config.patch_size
+    heads = _Heads(config.hidden_size, grid)
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # Linear warm-up, then cosine to zero, as the chain's own stages
@@ -194,7 +216,7 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = tower(pixels[batch], output_hidden_states=True)
             logits = heads(out.hidden_states[select_layer][:, 1:])
-        loss = _losses(logits, {head: value[batch] for head, value in labels.items()})
+        loss = _losses(logits, _with_places({head: value[batch] for head, value in labels.items()}, grid))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
