@@ -40,7 +40,8 @@ from dynamic_llava.model.batch import TokenBatch
 from dynamic_llava.model.config import DynamicLlavaConfig
 from dynamic_llava.model.llava import DynamicLlavaForCausalLM
 from dynamic_llava.model.policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
-from dynamic_llava.model.sparsity_training import SparsityTraining, TrainingDecisions, gumbel_tau
+from dynamic_llava.model.sparsity_training import (
+    KEEP_GRADIENTS, SparsityTraining, TrainingDecisions, gumbel_tau, masked_attention_function, use_masked_attention)
 
 N_TOKENS = 16  # image tokens per sample: a 4 x 4 grid of patches
 N_CLASSES = 8
@@ -230,8 +231,11 @@ def test_the_answer_needs_the_marked_token(dense_state: dict[str, torch.Tensor])
     assert hidden_accuracy < 0.25, f"chance is {1 / N_CLASSES}"
 
 
-def test_the_image_predictor_learns_to_keep_the_token_the_answer_needs(dense_state: dict[str, torch.Tensor]) -> None:
+@pytest.mark.parametrize("keep_gradient", KEEP_GRADIENTS)
+def test_the_image_predictor_learns_to_keep_the_token_the_answer_needs(dense_state: dict[str, torch.Tensor],
+                                                                        keep_gradient: str) -> None:
     model = _frozen_llm(dense_state)
+    use_masked_attention(model, masked_attention_function("blocked", keep_gradient))
     learned = lambda s: make_policy(model)  # noqa: E731  the predictor's top-k, k = 2 of 16
     _, untrained_kept = _evaluate(model, learned)
     training_kept = _train_predictor(model)
