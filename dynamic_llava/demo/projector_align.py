@@ -17,6 +17,7 @@ keep frozen.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from pathlib import Path
@@ -52,9 +53,7 @@ def slot_tables(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) ->
 def place_slots(tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor, grid: int) -> torch.Tensor:
     """[grid * grid, C]: per patch (reading order), x (e("right") - e("left")) / 2 + y (e("below") - e("above")) / 2
     with x, y its column and row scaled to [-1, 1] (e: mean input embedding of a word)."""
-    def word(text: str) -> torch.Tensor:
-        return word_embedding(tokenizer, embeddings, text)
-
+    word = functools.partial(word_embedding, tokenizer, embeddings)
     across, down = (word("right") - word("left")) / 2, (word("below") - word("above")) / 2
     coordinate = torch.linspace(-1.0, 1.0, grid)
     x, y = coordinate.repeat(grid), coordinate.repeat_interleave(grid)

@@ -120,15 +120,15 @@ def _losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) ->
                for head in logits)
 
 
-def _with_places(labels: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
-    """`labels` ([n, patches] per `HEADS` entry) and the place labels, expanded to the same shape."""
+def _with_places(labels: dict[str, torch.Tensor], places: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`labels` ([n, patches] per `HEADS` entry) and `places` (`place_labels`), expanded to the same shape."""
     n = len(next(iter(labels.values())))
-    return {**labels, **{head: value.expand(n, -1) for head, value in place_labels(grid).items()}}
+    return {**labels, **{head: value.expand(n, -1) for head, value in places.items()}}
 
 
 @torch.no_grad()
 def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
-              select_layer: int, batch_size: int, bf16: bool) -> dict[str, float]:
+              places: dict[str, torch.Tensor], select_layer: int, batch_size: int, bf16: bool) -> dict[str, float]:
     """Held-out accuracy: per-patch attributes on object patches only (background is most patches), the
     place heads on every patch, and whether a patch is told apart as object / background and as target
     (coloured) / anything else."""
@@ -146,8 +146,7 @@ def _evaluate(tower: nn.Module, heads: _Heads, pixels: torch.Tensor, labels: dic
         guess, truth = torch.cat(predicted[head]), labels[head]
         foreground = truth != len(values)
         result[f"{head}_accuracy_object_patches"] = (guess == truth)[foreground].float().mean().item()
-    grid = math.isqrt(labels["colour"].shape[-1])
-    for head, truth in place_labels(grid).items():
+    for head, truth in places.items():
         result[f"{head}_accuracy"] = (torch.cat(predicted[head]) == truth).float().mean().item()
     guess, truth = torch.cat(predicted["colour"]), labels["colour"]
     background = len(HEADS["colour"])
@@ -203,6 +202,7 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     pixels, labels = splits["train"]
     grid = config.image_size // config.patch_size
     heads = _Heads(config.hidden_size, grid)
+    places = place_labels(grid)  # the same for every image
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # Linear warm-up, then cosine to zero, as the chain's own stages
@@ -216,7 +216,7 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = tower(pixels[batch], output_hidden_states=True)
             logits = heads(out.hidden_states[select_layer][:, 1:])
-        loss = _losses(logits, _with_places({head: value[batch] for head, value in labels.items()}, grid))
+        loss = _losses(logits, _with_places({head: value[batch] for head, value in labels.items()}, places))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -227,6 +227,6 @@ def _pretrain(data_dir: Path, tower_dir: Path, out_dir: Path, *, steps: int, lr:
     result: dict[str, Any] = {"steps": steps, "loss_history": history.rows, "train_images": len(pixels)}
     if splits.has("val"):
         val_pixels, val_labels = splits["val"]
-        result["val"] = _evaluate(tower, heads, val_pixels, val_labels, select_layer, batch_size, bf16)
+        result["val"] = _evaluate(tower, heads, val_pixels, val_labels, places, select_layer, batch_size, bf16)
     result["seconds"] = round(time.perf_counter() - began, 1)
     return result

@@ -92,6 +92,7 @@ def _keep_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torc
     width = -(-(d + 1) // _VALUE_ALIGN) * _VALUE_ALIGN  # zero columns change no dot product
     values = torch.cat([grad_out.to(q.dtype), delta.to(q.dtype), q.new_zeros(b, h, t, width - d - 1)], -1)
     lse = lse.to(dtype)
+    dropped = keep.detach() <= 0
 
     def ratio(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, j: torch.Tensor, i: torch.Tensor
               ) -> torch.Tensor:
@@ -100,8 +101,6 @@ def _keep_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torc
         if not bounded:
             return log_ratio
         return torch.where(dropped[b, j], torch.nn.functional.logsigmoid(log_ratio), log_ratio)
-
-    dropped = keep.detach() <= 0
 
     keys_as_queries = k.repeat_interleave(group, 1) if group > 1 else k
     moved, moved_lse = _flex(keys_as_queries, q, values, ratio, _masks.get("later", key_valid, t),

@@ -10,7 +10,6 @@ Everything else is kept.
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
