@@ -47,7 +47,7 @@ JITTER = 0.006  # max offset of a centre from its cell centre, per axis
 PLACE_NAMES = (("top left", "top center", "top right"),
                ("middle left", "center", "middle right"),
                ("bottom left", "bottom center", "bottom right"))
-MIN_APART = 2  # cells apart on an axis for left / right / above / below to be asked or stated
+MIN_APART = 2  # cells apart on an axis for left / right / above / below to be stated
 
 SPLITS = ("train", "val", "test")
 # Split of a scene = a hash of its canonical content, so two splits can never hold the same scene.

@@ -103,7 +103,7 @@ def align_projector(data_dir: Path, llm: Path, tower: Path, out: Path, *, steps:
         splits = SceneSplits(data_dir, processor, size, patch)
     pixels, labels = splits["train"]
     features = _features(vision, pixels, bf16)
-    # Every image's slots up front ([n, patches, C], ~1.7 GB for the chain's 25600 images): a step is then one
+    # Every image's slots up front ([n, patches, C], ~2.1 GB for the chain's 32000 images): a step is then one
     # gather, and with the MLP in bf16 (fp32 weights) a step takes ~1/3 of the time
     slots = patch_slots(labels, tables, places)
     last = [m for m in projector.modules() if isinstance(m, nn.Linear)][-1]

@@ -97,7 +97,7 @@ def load_split(data_dir: Path, split: str, processor: Any, image_size: int, patc
 
 class SceneSplits:
     """The splits of a `data synth` folder as `load_split` gives them, each loaded on first use and kept:
-    the chain's stages 0 and 1 read the same 25600 images (about a minute each time). `processor` must
+    the chain's stages 0 and 1 read the same 32000 images (over a minute each time). `processor` must
     be the image processor of the towers the splits are fed to."""
 
     def __init__(self, data_dir: Path, processor: Any, image_size: int, patch_size: int) -> None:
