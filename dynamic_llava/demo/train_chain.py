@@ -297,9 +297,10 @@ def format_table(summary: dict[str, Any]) -> str:
     majority, dense, sparse = (summary["majority_baseline_test"], summary["dense"], summary["dynamic_llava"])
     lines = [f"{'question type':<14}{'majority':>10}{'dense':>10}{'dynamic':>10}"]
     for category in [*dense["per_type"], "overall"]:
-        pick = (lambda r: r["overall"]) if category == "overall" else (lambda r: r["per_type"][category])
+        dense_row, sparse_row = ((r["overall"] if category == "overall" else r["per_type"][category])
+                                 for r in (dense, sparse))
         lines.append(f"{category:<14}{100 * majority[category]['accuracy']:>9.1f}%"
-                     f"{100 * pick(dense)['accuracy']:>9.1f}%{100 * pick(sparse)['accuracy']:>9.1f}%")
+                     f"{100 * dense_row['accuracy']:>9.1f}%{100 * sparse_row['accuracy']:>9.1f}%")
     lines.append(f"{'image tokens kept':<34}{100 * dense['image_tokens_kept']:>9.1f}%"
                  f"{100 * sparse['image_tokens_kept']:>9.1f}%")
     return "\n".join(lines)
@@ -317,7 +318,7 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) ->
     out.mkdir(parents=True, exist_ok=True)
     data, start, tower = out / "data", out / "start", out / "stage0"
     stages = StageRunner(out, resume)
-    read = lambda path: lambda: json.loads(path.read_text(encoding="utf-8"))  # noqa: E731
+    read = lambda path: lambda: json.loads(path.read_text(encoding="utf-8"))
     stats = stages.run("data", data / "stats.json", data, lambda: write_dataset(
         SynthConfig(seed, recipe.image_size, recipe.n_train, n_val=recipe.n_test, n_test=recipe.n_test,
                     describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share), data),
