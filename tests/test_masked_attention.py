@@ -1,4 +1,5 @@
-"""Masked-softmax attention (SPEC 2.3) against direct computations."""
+"""Masked-softmax attention (SPEC 2.3) against direct computations, on both of its paths: the CPU flash kernel
+and the blocked one (which runs on other devices; forced here by hiding the kernel)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ import torch.nn.functional as F
 
 from dynamic_llava.model import masked_attention
 from dynamic_llava.model.masked_attention import masked_softmax_attention
+
+
+@pytest.fixture(autouse=True, params=["cpu-flash", "blocked"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "blocked":
+        monkeypatch.setattr(masked_attention, "_CPU_FLASH", None)
+    return request.param
+
+
+def test_the_cpu_path_uses_the_flash_kernel(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    kernel = masked_attention._CPU_FLASH
+    if kernel is not None:
+        monkeypatch.setattr(masked_attention, "_CPU_FLASH", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    q, k, v = _inputs()
+    masked_softmax_attention(q, k, v, torch.ones(2, 9))
+    assert len(calls) == (1 if path == "cpu-flash" else 0)
 
 
 def _inputs(b=2, h=4, h_kv=2, t=9, d=8, dtype=torch.float32, seed=0):
@@ -132,3 +150,28 @@ def test_the_bounded_keep_gradient_of_a_dropped_key_is_the_change_from_adding_it
     torch.testing.assert_close(bounded[kept], exact[kept])
     # the key far above the kept ones: the derivative is far larger than the change it stands for
     assert exact[0, 2].abs() > 100 * bounded[0, 2].abs()
+
+
+def test_the_keep_gradient_outside_decided_slots_is_zero_and_unchanged_inside() -> None:
+    q, k, v = (x.double() for x in _inputs(t=12))
+    keep = (torch.rand(2, 12, generator=torch.Generator().manual_seed(5)) > 0.5).double()
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 10:] = False
+    decided = torch.zeros(2, 12, dtype=torch.bool)
+    decided[0, 2:7] = True  # different counts per sample: the gathered keys are padded
+    decided[1, [1, 4, 8, 11]] = True  # 11 is padding: no later valid query, gradient 0
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def grads(restrict: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        soft = keep.clone().requires_grad_()
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out = masked_softmax_attention(qq, kk, vv, soft, valid, bounded_keep_gradient=True, decided=restrict)
+        return torch.autograd.grad(out, (qq, kk, vv, soft), grad_out)
+
+    full, restricted = grads(None), grads(decided)
+    for a, b in zip(full[:3], restricted[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(restricted[3], torch.where(decided, full[3], 0.0), rtol=1e-12, atol=1e-12)
+    assert (full[3][~decided].abs() > 1e-6).any()  # the zeros are a restriction, not the true gradient
+    nothing = grads(torch.zeros_like(decided))[3]
+    assert not nothing.any()

@@ -72,6 +72,37 @@ def test_sparse_forward_trains_predictors_not_the_tower(model) -> None:
     assert all(p.grad is None for p in model.model.vision_tower.parameters())
 
 
+def test_the_attention_is_asked_for_the_keep_gradient_of_every_decided_slot(model, monkeypatch) -> None:
+    """The decided slots the layers receive are exactly the sampled ones: the predictors' gradients are the
+    same as when the attention computes dL/dkeep at every slot."""
+    ids, labels, mask, images = _batch()
+    model.sparsity_training = SparsityTraining(tau=1.0)
+    seen = []
+
+    def predictor_grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(3)
+        model(ids, labels, mask, images).loss.backward()
+        return [p.grad.clone() for p in model.model.image_score_predictor.parameters()] + \
+            [p.grad.clone() for p in model.model.output_text_score_predictor.parameters()]
+
+    restricted = predictor_grads()
+    attention = model.model.layers[-1].self_attn.masked_attention
+
+    def everywhere(*args, decided=None, **kwargs):
+        seen.append(decided)
+        return attention(*args, **kwargs)
+
+    for layer in model.model.layers:
+        layer.self_attn.masked_attention = everywhere
+    full = predictor_grads()
+    decided = seen[0]
+    assert decided is not None and 0 < int(decided.sum()) < decided.numel()
+    for a, b in zip(restricted, full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert sum(float(g.abs().sum()) for g in full) > 0
+
+
 def test_short_answers_get_no_output_decisions(model) -> None:
     ids, labels, mask, images = _batch()
     _train_with(model, output_text_len_for_training=50)

@@ -89,8 +89,10 @@ TRAIN_SHAPES: dict[str, Shape] = {
 
 # ----------------------------------------------------------------------------- naive attention
 def naive_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                           key_valid: torch.Tensor | None = None, eps: float = REFERENCE_EPS) -> torch.Tensor:
-    """`masked_softmax_attention`'s maths the straightforward way, as the reference computes it: scores in
+                           key_valid: torch.Tensor | None = None, eps: float = REFERENCE_EPS,
+                           decided: torch.Tensor | None = None) -> torch.Tensor:
+    """`masked_softmax_attention`'s maths the straightforward way, as the reference computes it (autograd
+    gives dL/dkeep at every slot, `decided` or not): scores in
     the input dtype with a min-value causal/padding mask, row max subtracted, exp in fp32 times
     G = keep_j (1 on the diagonal), (w + eps / T) / (sum w + eps), cast back, times V. Autograd saves
     the [B, H, T, T] scores, exp and numerator (fp32) and probabilities for backward, in every layer."""

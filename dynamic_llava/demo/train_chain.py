@@ -105,10 +105,10 @@ class Recipe:
 # Fresh scenes beat repeated epochs here (2000 scenes x 3 epochs and 6000 x 1 score alike): stage 2 is 2000 steps
 # over 32000 scenes. Counting is learnt only past 1000 steps, positions and existence later still (RESULTS, the V4
 # and V6 history sections). A quarter of the conversations carry a description, which keeps sequences short and
-# still gives stage 3 (600 steps, 9600 scenes) ~2400 descriptions; half ask every question in one turn. Stage 3 at
-# 600 steps recovers most of what the LLM loses adapting to the kept tokens (RESULTS, "Why the claims fail here":
-# 300 steps cost 2.8 points more; 300 steps at 4x the LLM learning rate no better).
-FULL = Recipe(n_train=32000, n_test=500, stage2_epochs=1.0, describe_share=0.25, stage3_epochs=0.3)
+# still gives stage 3 (900 steps, 14400 scenes) ~3600 descriptions; half ask every question in one turn. Stage 3's
+# length decides how much of what the LLM loses adapting to the kept tokens it wins back (RESULTS: at 20 %, 300 steps
+# 54.5 %, 600 steps 57.3 %, 900 steps 59.6 %; 300 steps at 4x the LLM learning rate no better than 300).
+FULL = Recipe(n_train=32000, n_test=500, stage2_epochs=1.0, describe_share=0.25, stage3_epochs=0.45)
 QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, llm_hidden=64, llm_layers=3, batch_size=8,
                micro_batches=2,
                tower_steps=20, tower_batch_size=8, align_steps=20, align_batch_size=8, stage2_epochs=1.0,

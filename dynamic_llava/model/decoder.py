@@ -145,13 +145,14 @@ class Attention(nn.Module):
         return scores.softmax(-1).mean(1)[:, 0]
 
     def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor | None,
-                      key_valid: torch.Tensor) -> torch.Tensor:
+                      key_valid: torch.Tensor, decided: torch.Tensor | None = None) -> torch.Tensor:
         """Whole right-padded sequences, no cache. keep None: causal attention (right padding needs no
-        other mask for real tokens); else masked-softmax attention with the differentiable keep [B, T]."""
+        other mask for real tokens); else masked-softmax attention with the differentiable keep [B, T], whose
+        gradient is wanted only where `decided` [B, T] (None: everywhere)."""
         b, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
         out = (_sdpa(q, k, v, None, causal=True) if keep is None
-               else self.masked_attention(q, k, v, keep, key_valid))
+               else self.masked_attention(q, k, v, keep, key_valid, decided=decided))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -187,7 +188,7 @@ class DecoderLayer(nn.Module):
         return self.self_attn.last_token_attention(self.input_layernorm(x), cos, sin, positions, n_new)
 
     def forward_train(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor | None,
-                      key_valid: torch.Tensor) -> torch.Tensor:
+                      key_valid: torch.Tensor, decided: torch.Tensor | None = None) -> torch.Tensor:
         """Training / masked view: see Attention.forward_train."""
-        x = x + self.self_attn.forward_train(self.input_layernorm(x), cos, sin, keep, key_valid)
+        x = x + self.self_attn.forward_train(self.input_layernorm(x), cos, sin, keep, key_valid, decided)
         return x + self.mlp(self.post_attention_layernorm(x))

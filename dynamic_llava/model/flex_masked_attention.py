@@ -41,11 +41,12 @@ def flex_attention_available() -> bool:
 
 
 def flex_masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                                  key_valid: torch.Tensor | None = None, bounded_keep_gradient: bool = False
-                                  ) -> torch.Tensor:
+                                  key_valid: torch.Tensor | None = None, bounded_keep_gradient: bool = False,
+                                  decided: torch.Tensor | None = None) -> torch.Tensor:
     """`masked_softmax_attention` on FlexAttention: q [B, H, T, D], k/v [B, Hkv, T, D] (H a multiple of Hkv),
     keep [B, T] in [0, 1] (differentiable), key_valid [B, T] bool (None: all valid) -> out [B, H, T, D].
-    `bounded_keep_gradient`: as in `masked_softmax_attention`."""
+    `bounded_keep_gradient`, `decided`: as in `masked_softmax_attention` (dL/dkeep is computed for every slot,
+    then zeroed outside `decided`)."""
     if key_valid is None:
         key_valid = torch.ones(keep.shape, dtype=torch.bool, device=keep.device)
     # Scores are fp32 in flex's kernels (fp64 in its math path for fp64 inputs): log(keep) alike
@@ -56,7 +57,7 @@ def flex_masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return torch.where(i == j, score, score + log_keep[b, j])  # a dropped token still sees itself
 
     out, lse = _flex(q, k, v, gate, _masks.get("visible", key_valid, k.shape[2]), 1.0 / math.sqrt(q.shape[-1]))
-    return _KeepGradient.apply(out, keep, q, k, v, key_valid, lse.detach(), bounded_keep_gradient)
+    return _KeepGradient.apply(out, keep, q, k, v, key_valid, decided, lse.detach(), bounded_keep_gradient)
 
 
 class _KeepGradient(torch.autograd.Function):
@@ -64,9 +65,10 @@ class _KeepGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, keep: torch.Tensor, q: torch.Tensor, k: torch.Tensor,  # type: ignore[override]
-                v: torch.Tensor, key_valid: torch.Tensor, lse: torch.Tensor, bounded_keep_gradient: bool
-                ) -> torch.Tensor:
+                v: torch.Tensor, key_valid: torch.Tensor, decided: torch.Tensor | None, lse: torch.Tensor,
+                bounded_keep_gradient: bool) -> torch.Tensor:
         ctx.save_for_backward(q, k, v, keep, key_valid, out, lse)  # flex saves these too: no extra memory
+        ctx.decided = decided
         ctx.keep_dtype = keep.dtype
         ctx.bounded_keep_gradient = bounded_keep_gradient
         return out.view_as(out)
@@ -76,7 +78,9 @@ class _KeepGradient(torch.autograd.Function):
         dkeep = None
         if ctx.needs_input_grad[1]:
             dkeep = _keep_gradient(*ctx.saved_tensors, grad_out, ctx.bounded_keep_gradient).to(ctx.keep_dtype)
-        return grad_out, dkeep, None, None, None, None, None, None
+            if ctx.decided is not None:
+                dkeep = dkeep.masked_fill(~ctx.decided, 0.0)
+        return grad_out, dkeep, None, None, None, None, None, None, None
 
 
 def _keep_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, key_valid: torch.Tensor,

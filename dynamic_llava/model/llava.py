@@ -386,8 +386,8 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         if self.sparsity_training is not None and sparse_layer < len(self.model.layers):
             decisions = decide(h, batch, expanded, sparse, self.model.image_score_predictor,
                                self.model.output_text_score_predictor, self.sparsity_training.tau)
-        keep = decisions.keep if decisions is not None else None
-        h = self._train_layers(batch, sparse_layer, len(self.model.layers), keep, h)
+        keep, decided = (decisions.keep, decisions.decided) if decisions is not None else (None, None)
+        h = self._train_layers(batch, sparse_layer, len(self.model.layers), keep, h, decided)
         logits = self._logits(h)
         targets = expanded[:, 1:].masked_fill(~batch.valid[:, 1:], IGNORE_INDEX)
         n_targets = (targets != IGNORE_INDEX).sum()
@@ -405,19 +405,19 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         return TrainingOutput(loss=loss, logits=logits, lm_loss=lm_loss.detach(), **decisions.stats)
 
     def _train_layers(self, batch: TokenBatch, start: int, stop: int, keep: torch.Tensor | None,
-                      h: torch.Tensor | None = None) -> torch.Tensor:
+                      h: torch.Tensor | None = None, decided: torch.Tensor | None = None) -> torch.Tensor:
         """Layers start..stop-1 over whole sequences without a cache (activation checkpointing if enabled);
-        the result is on the batch's device."""
+        the result is on the batch's device. `keep` / `decided`: see TrainingDecisions."""
         h = batch.embeds if h is None else h
         home = batch.embeds.device
-        carry = _Carrier(*self.model.rotary(batch.positions, h.dtype), keep, batch.valid)
+        carry = _Carrier(*self.model.rotary(batch.positions, h.dtype), keep, batch.valid, decided)
         for layer, device in zip(self.model.layers[start:stop], self._layer_devices(h)[start:stop]):
             h = h.to(device)
-            cos, sin, layer_keep, valid = carry.on(device)
+            cos, sin, layer_keep, valid, layer_decided = carry.on(device)
             if self.model.gradient_checkpointing and self.training:
-                h = checkpoint(layer.forward_train, h, cos, sin, layer_keep, valid, use_reentrant=False)
+                h = checkpoint(layer.forward_train, h, cos, sin, layer_keep, valid, layer_decided, use_reentrant=False)
             else:
-                h = layer.forward_train(h, cos, sin, layer_keep, valid)
+                h = layer.forward_train(h, cos, sin, layer_keep, valid, layer_decided)
         return h.to(home)
 
 

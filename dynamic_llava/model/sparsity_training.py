@@ -102,6 +102,8 @@ def last_answer_mask(labels: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TrainingDecisions:
     keep: torch.Tensor | None  # [B, T] 0/1 with straight-through gradient; None: nothing is decided
+    # [B, T] bool: the slots with a sampled decision (the rest of keep is constant: no gradient is wanted there)
+    decided: torch.Tensor | None
     # Unweighted regulariser summed over the batch's samples: per sample, (vision_keep_rate - its kept
     # image fraction)^2 + (output_text_keep_rate - its kept answer fraction)^2, a term being 0 for a sample
     # without images / without an answer of output_text_len_for_training tokens. The caller divides by the
@@ -115,14 +117,16 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
            tau: float) -> TrainingDecisions:
     """Sample the keep decisions for the hidden states [B, T, C] entering sparse_layer."""
     keep = batch.valid.to(torch.float32)
+    decided = torch.zeros_like(batch.valid)
     n_samples = batch.lengths.shape[0]
     zero = hidden.new_zeros((), dtype=torch.float32)
-    mask_loss_sum, stats, decided = zero, {}, False
+    mask_loss_sum, stats = zero, {}
     is_image = batch.kinds == IMAGE
     if sparse.sparsify_vision and bool((is_image & batch.valid).any()):
         samples, slots = image_token_index(batch)
         image_keep = gumbel_keep(image_predictor(hidden[samples, slots]), tau)  # [n_images, N]
         keep = keep.index_put((samples, slots), image_keep)
+        decided[samples, slots] = True
         owner = samples[:, 0]
         kept = zero.new_zeros(n_samples).index_add(0, owner, image_keep.sum(1))
         total = zero.new_zeros(n_samples).index_add(0, owner, image_keep.new_full(owner.shape, slots.shape[1]))
@@ -131,7 +135,6 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
         vision_sum = ((sparse.vision_keep_rate - fraction) ** 2).sum()
         mask_loss_sum = mask_loss_sum + vision_sum
         stats.update(vision_mask_loss=vision_sum.detach() / n_samples, vision_keep=fraction.mean().detach())
-        decided = True
     if sparse.sparsify_output_text:
         answer = last_answer_mask(labels) & batch.valid
         eligible = answer.sum(1) >= max(sparse.output_text_len_for_training, 1)
@@ -139,6 +142,7 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
         if bool(answer.any()):
             answer_keep = gumbel_keep(output_text_predictor(hidden[answer]), tau)
             keep = keep.masked_scatter(answer, answer_keep)
+            decided |= answer
             owner = answer.nonzero()[:, 0]
             kept = zero.new_zeros(n_samples).index_add(0, owner, answer_keep)
             fraction = kept[eligible] / answer.sum(1)[eligible]
@@ -146,5 +150,6 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
             output_sum = ((sparse.output_text_keep_rate - fraction) ** 2).sum()
             mask_loss_sum = mask_loss_sum + output_sum
             stats.update(output_mask_loss=output_sum.detach() / n_samples, output_keep=fraction.mean().detach())
-            decided = True
-    return TrainingDecisions(keep if decided else None, mask_loss_sum, stats)
+    if not bool(decided.any()):
+        return TrainingDecisions(None, None, mask_loss_sum, stats)
+    return TrainingDecisions(keep, decided, mask_loss_sum, stats)
