@@ -175,3 +175,18 @@ def test_the_keep_gradient_outside_decided_slots_is_zero_and_unchanged_inside() 
     assert (full[3][~decided].abs() > 1e-6).any()  # the zeros are a restriction, not the true gradient
     nothing = grads(torch.zeros_like(decided))[3]
     assert not nothing.any()
+
+
+def test_a_dropped_key_far_above_the_kept_ones_gives_finite_gradients() -> None:
+    """exp(s - lse) of such a key overflows fp32; it is capped before the gate multiplies it by 0."""
+    q, k, v = (x.requires_grad_() for x in _inputs(t=10, d=8))
+    with torch.no_grad():
+        k[0, :, 2] = q[0].mean((0, 1)) * 200.0
+    keep = torch.ones(2, 10)
+    keep[0, 2] = 0.0
+    keep.requires_grad_()
+    out = masked_softmax_attention(q, k, v, keep)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, keep))
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[3][0, 2].abs() > 1e3  # the key does weigh: its (capped) keep gradient is large

@@ -6,8 +6,8 @@ Modes, each in its own subprocess so that none sees another's allocations:
 
 - `dense`: plain LLaVA training, causal SDPA in every layer (`model.sparsity_training = None`);
 - `masked`: Dynamic-LLaVA sparsification training (`SparsityTraining(tau=1.0)`): Gumbel decisions at
-  sparse_layer, `masked_softmax_attention` (custom autograd, score blocks recomputed in backward) in
-  the later layers, keep-rate loss;
+  sparse_layer, `masked_softmax_attention` (custom autograd: PyTorch's CPU flash kernel on CPU, score
+  blocks recomputed in backward elsewhere) in the later layers, keep-rate loss;
 - `naive-masked`: the same, with the decoder's masked-softmax call swapped (in that subprocess only)
   for `naive_masked_attention`, the reference's formula on autograd, which keeps several
   [B, H, T, T] tensors per layer for backward;

@@ -196,7 +196,8 @@ def _blocked_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     for lo, hi in _head_blocks(q, n_kv):
         heads = slice(lo * group, hi * group)
         s = _scores(q[:, heads], k[:, lo:hi], group, visible)
-        p = s.sub_(lse[:, heads, :, None]).exp_().mul_(gate)  # 0 where invisible
+        # exp(s - lse) G: 0 where invisible; capped first, or a dropped key far above the kept ones gives inf x 0
+        p = s.sub_(lse[:, heads, :, None]).clamp_(max=MAX_LOG_RATIO).exp_().mul_(gate)
         vv = _repeat_heads(v[:, lo:hi].to(dtype), group)
         kk = _repeat_heads(k[:, lo:hi].to(dtype), group)
         dp = torch.matmul(grad_out[:, heads], vv.transpose(-1, -2)).sub_(delta[:, heads])

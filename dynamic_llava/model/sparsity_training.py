@@ -37,8 +37,9 @@ class SparsityTraining:
 
 
 # Implementations of the masked-softmax attention the later layers train with (`--masked_attention`):
-# "blocked" (masked_attention.py: score blocks recomputed in backward, any device) or "flex"
-# (flex_masked_attention.py: FlexAttention, fused kernels on CUDA; same values and gradients).
+# "blocked" (masked_attention.py: PyTorch's CPU flash kernel on CPU, score blocks recomputed in backward
+# elsewhere) or "flex" (flex_masked_attention.py: FlexAttention, fused kernels on CUDA; same values and
+# gradients).
 MASKED_ATTENTION = ("blocked", "flex")
 
 
