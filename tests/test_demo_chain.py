@@ -23,8 +23,22 @@ from dynamic_llava.model.loading import load_pretrained_model
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "chain"
-    assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0"]) == 0
+    assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0", "--stage3-steps", "4"]) == 0
     return out
+
+
+def test_stage3_runs_the_steps_asked_for(chain: Path) -> None:
+    state = json.loads((chain / "stage3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4  # the quick recipe's epoch is 6 steps
+    assert json.loads((chain / "summary.json").read_text())["recipe"]["stage3_steps"] == 4
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "many"])
+def test_a_stage3_length_below_one_step_is_refused(steps: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--stage3-steps", steps])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "chain").exists()
 
 
 def test_every_stage_output_exists_and_loads(chain: Path) -> None:
