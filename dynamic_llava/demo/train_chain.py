@@ -108,7 +108,7 @@ class Recipe:
 # and V6 history sections). A quarter of the conversations carry a description, which keeps sequences short and
 # still gives stage 3 (600 steps, 9600 scenes) ~2400 descriptions; half ask every question in one turn. Stage 3's
 # length decides how much of what the LLM loses adapting to the kept tokens it wins back (RESULTS: at 20 %, 300 steps
-# 54.5 %, 600 steps 57.3 %, 900 steps 59.1 %; 300 steps at 4x the LLM learning rate no better than 300). 600 is what
+# 54.5 %, 600 steps 57.3 %, 900 steps 59.2 %; 300 steps at 4x the LLM learning rate no better than 300). 600 is what
 # fits the 60-minute bound: with 900 the chain took 65.4 min (RESULTS, run V9).
 FULL = Recipe(n_train=32000, n_test=500, stage2_epochs=1.0, describe_share=0.25, stage3_epochs=0.3)
 QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, llm_hidden=64, llm_layers=3, batch_size=8,
