@@ -69,10 +69,12 @@ def test_a_patch_slot_carries_its_place_along_the_position_words(parts: Path) ->
 
 
 @pytest.mark.parametrize("select_layer", [-1, -2])
-def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_path: Path, select_layer: int) -> None:
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])  # fp32: the chain on CPUs without native bf16
+def test_alignment_fits_the_slots_and_saves_a_stage1_folder(parts: Path, tmp_path: Path, select_layer: int,
+                                                            bf16: bool) -> None:
     out = tmp_path / "stage1"
     result = align_projector(parts / "data", parts / "llm", parts / "tower", out, steps=80, lr=3e-3, batch_size=8,
-                             select_layer=select_layer)
+                             select_layer=select_layer, bf16=bf16)
     losses = [loss for _, loss in result["loss_history"]]
     assert losses[-1] < 0.5 * losses[0]
     assert 0.0 < result["val"]["cosine"] <= 1.0 and result["val"]["mse"] > 0.0

@@ -70,12 +70,14 @@ def patch_slots(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]
 
 @torch.no_grad()
 def _features(tower: nn.Module, pixels: torch.Tensor, bf16: bool, batch_size: int = 64) -> torch.Tensor:
-    """The tower's selected patch features of every image, [n, patches, mm_hidden] (bf16 storage; computed in
-    bf16 when `bf16`, as in training)."""
+    """The tower's selected patch features of every image, [n, patches, mm_hidden]: computed and stored in bf16
+    when `bf16` (as in training), else in fp32, the projector's own dtype (without autocast a bf16 input
+    would not multiply its fp32 weights)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
     chunks = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="tower features", unit="batch"):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            chunks.append(tower(pixels[start:start + batch_size]).to(torch.bfloat16))
+            chunks.append(tower(pixels[start:start + batch_size]).to(dtype))
     return torch.cat(chunks)
 
 
