@@ -14,8 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from dynamic_llava.cli import build_parser
 from dynamic_llava.cli import main as cli_main
 from dynamic_llava.data.questions import SHORT_ANSWER_TYPES
+from dynamic_llava.demo.train_chain import FULL, recipe_from_args
 from dynamic_llava.eval.io import read_jsonl
 from dynamic_llava.model.loading import load_pretrained_model
 
@@ -37,6 +39,22 @@ def test_stage3_runs_the_steps_asked_for(chain: Path) -> None:
 def test_a_stage3_length_below_one_step_is_refused(steps: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--stage3-steps", steps])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "chain").exists()
+
+
+@pytest.mark.parametrize(("flag", "bf16"), [("auto", None), ("bf16", True), ("fp32", False)])
+def test_precision_flag_sets_the_recipe(flag: str, bf16: bool | None) -> None:
+    args = build_parser().parse_args(["demo", "train", "--out", "unused", "--precision", flag, "--stage3-steps", "7"])
+    recipe = recipe_from_args(args)
+    assert recipe.bf16 is bf16 and recipe.stage3_steps == 7 and recipe.n_train == FULL.n_train
+    if flag != "auto":  # forced: the CPU's bf16 support no longer decides
+        assert recipe.use_bf16 is bf16
+
+
+def test_an_unknown_precision_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--precision", "fp16"])
     assert exit_info.value.code == 2
     assert not (tmp_path / "chain").exists()
 

@@ -1,4 +1,5 @@
-"""`dynamic-llava demo train --out DIR [--quick] [--seed N]`: the whole Dynamic-LLaVA chain from scratch, in one process.
+"""`dynamic-llava demo train --out DIR [--quick] [--seed N] [--precision P]`: the whole Dynamic-LLaVA chain
+from scratch, in one process.
 
 0. data: the synthetic shapes benchmark (`data synth`) in DIR/data;
 1. start: a tiny plain LLaMA and a tiny, randomly initialised CLIP tower (DIR/start);
@@ -369,6 +370,10 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) ->
     return summary
 
 
+# `--precision` -> Recipe.bf16
+PRECISIONS: dict[str, bool | None] = {"auto": None, "bf16": True, "fp32": False}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: the same chain in a few minutes (CI)")
@@ -378,6 +383,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage3-steps", type=_positive_int, default=None, metavar="N",
                         help="optimiser steps of stage 3 (default: the recipe's, 600 for the full chain; 900 "
                         "brings Dynamic-LLaVA to dense but takes the chain past 60 minutes: docs/RESULTS.md)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="auto",
+                        help="training precision of every stage (evaluation is always fp32). auto: bf16 autocast "
+                        "where the CPU runs bf16 natively (AMX / AVX512-BF16), else fp32. fp32 learns more "
+                        "(docs/RESULTS.md) and is slower where bf16 is native")
 
 
 def _positive_int(text: str) -> int:
@@ -387,9 +396,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def run(args: argparse.Namespace) -> int:
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe `demo train` runs: the full or quick one with the command line's overrides."""
     recipe = QUICK if args.quick else FULL
     if args.stage3_steps is not None:
         recipe = dataclasses.replace(recipe, stage3_steps=args.stage3_steps)
-    run_chain(Path(args.out), recipe, args.seed, args.resume)
+    return dataclasses.replace(recipe, bf16=PRECISIONS[args.precision])
+
+
+def run(args: argparse.Namespace) -> int:
+    run_chain(Path(args.out), recipe_from_args(args), args.seed, args.resume)
     return 0
