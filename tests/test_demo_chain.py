@@ -187,6 +187,10 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     assert short["dynamic-llava I 0.2 (run 2)"]["overall"] == short["dynamic-llava I 0.2"]["overall"]
     assert [c["difference"] for c in results["claims"]["overall, run 2"]] == \
         [c["difference"] for c in results["claims"]["overall"]]
+    order = results["order"]
+    assert [run["row"] for run in order["runs"]] == ["dynamic-llava I 0.2", "dynamic-llava I 0.2 (run 2)"]
+    assert order["runs"][0]["holds"] == order["runs"][1]["holds"] and order["met"] == order["runs"][0]["holds"]
+    assert "training seed" in (out / "table.md").read_text()
     for view in ("overall", "attribute"):
         checks = results["sanity_checks"][view]
         assert [c["check"] for c in checks][0] == "dense >= majority + 30"

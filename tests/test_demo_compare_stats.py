@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamic_llava.demo.compare import (RANDOM_SEEDS, claims, negative_controls, of_type, only, paired_bootstrap,
-                                          sanity_checks)
+from dynamic_llava.demo.compare import (RANDOM_SEEDS, claims, negative_controls, of_type, only, order_claim,
+                                          paired_bootstrap, sanity_checks)
 from dynamic_llava.demo.reference_policies import CentrePrior, GivenPatches, centre_scores
 from dynamic_llava.model.batch import IMAGE, TEXT, TokenBatch
 
@@ -54,6 +54,18 @@ def test_claims_need_the_interval_to_exclude_zero_against_fastv() -> None:
     assert met["Dynamic-LLaVA >= random (5 seeds) + 5"]["met"]
     correct["fastv 0.2"] = [0.0] * 2 + [1.0] * 198  # 1 point better only
     assert not {c["claim"]: c for c in claims(correct, scenes)}["Dynamic-LLaVA >= FastV + 3, interval excluding 0"]["met"]
+
+
+def test_order_claim_needs_the_order_on_two_trainings() -> None:
+    short = _short(0.8, 0.3, 0.4, 0.7, ours=0.7, fastv=0.6) | {"dynamic-llava I 0.2 (run 2)": {"overall": 0.65}}
+    both = order_claim(short, ["dynamic-llava I 0.2", "dynamic-llava I 0.2 (run 2)"])
+    assert both["met"] and [run["holds"] for run in both["runs"]] == [True, True]
+    assert not order_claim(short, ["dynamic-llava I 0.2"])["met"]  # one training cannot show it
+    short["dynamic-llava I 0.2 (run 2)"]["overall"] = 0.55  # below FastV on the second seed
+    broken = order_claim(short, ["dynamic-llava I 0.2", "dynamic-llava I 0.2 (run 2)"])
+    assert not broken["met"] and [run["holds"] for run in broken["runs"]] == [True, False]
+    short["fastv 0.2"]["overall"] = 0.3  # FastV below random: not the claimed order either
+    assert not order_claim(short, ["dynamic-llava I 0.2"] * 2)["met"]
 
 
 def _batch(n_images: int, n_patches: int) -> TokenBatch:

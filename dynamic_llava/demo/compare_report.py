@@ -65,6 +65,20 @@ def claims_table(results: dict[str, Any]) -> str:
     return _interval_table(results, "claims", "claim (20 % of image tokens)", "met")
 
 
+def order_table(results: dict[str, Any]) -> str:
+    """The order claim: each training's 20 % accuracy against FastV's and random's, and the verdict."""
+    order = results["order"]
+    lines = ["| training (seed) | Dynamic-LLaVA 20 % | FastV 20 % | random 20 % (5 seeds) | order holds |",
+             "|---|---|---|---|---|"]
+    for run in order["runs"]:
+        lines.append(f"| {run['row']} | {_pct(run['dynamic_llava'])} | {_pct(order['fastv'])} | "
+                     f"{_pct(order['random'])} | {'yes' if run['holds'] else '**no**'} |")
+    trainings = len(order["runs"])
+    verdict = "met" if order["met"] else ("**not met**" if trainings >= 2 else
+                                          "**not checked**: one training (add one with --other-stage3)")
+    return "\n".join(lines) + f"\n\n{order['claim']}: {verdict} ({trainings} training{'s' * (trainings > 1)})."
+
+
 def controls_table(results: dict[str, Any]) -> str:
     return _interval_table(results, "negative_controls", "negative control (should hold)", "held")
 
@@ -180,7 +194,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"{shape['prompt_text_tokens']} prompt text tokens, sparse layer {shape['sparse_layer']}); "
             f"{results['split']} split, {results['scenes']} scenes.", "",
             "Sanity checks (is token selection measurable here?):", "", sanity_table(results), "",
-            "Claims:", "", claims_table(results), "",
+            "Claims:", "", claims_table(results), "", order_table(results), "",
             "Negative controls:", "", controls_table(results), "",
             "Short answers (accuracy %):", "", short_answer_table(results), "",
             "POPE (existence questions):", "", pope_table(results), "",
