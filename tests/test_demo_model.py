@@ -25,10 +25,10 @@ from dynamic_llava.train.preprocess import PromptFormat, preprocess
 # attribute one ("What color is the colored triangle?" -> red) and the count one ("How many red objects" -> 2)
 # are not the prior's answers; the existence one ("Is there a blue circle?" -> no) is the majority answer, which
 # the shipped model gives to a third of the sample existence questions; the position one ("Where is the colored
-# circle?" -> bottom left) is the answer it gives to nearly every position question (it is at chance on
-# positions). With the accuracy floor they pin the weights.
+# circle?" -> bottom left) is one of the two answers it gives to every sample position question (it is near
+# chance on positions). With the accuracy floor they pin the weights.
 FIXED = {"test_000002_1", "test_000002_3", "test_000003_5", "test_000002_7"}
-MIN_ACCURACY = 0.6  # on the 36 bundled sample questions (the shipped model: 22 / 36 = 0.611)
+MIN_ACCURACY = 0.6  # on the 36 bundled sample questions (the shipped model, run A1: 23 / 36 = 0.639)
 
 
 @pytest.fixture(scope="module")
