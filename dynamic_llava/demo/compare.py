@@ -432,12 +432,17 @@ def mean_of(correct: dict[str, list[float]], names: Sequence[str]) -> list[float
     return [statistics.mean(values) for values in zip(*(correct[n] for n in names))]
 
 
+def random_accuracy(short: dict[str, dict[str, Any]]) -> float:
+    """Overall accuracy of random selection at the claims' budget, mean of its seeds."""
+    return statistics.mean(short[f"random {CLAIM_BUDGET:g} seed {s}"]["overall"] for s in RANDOM_SEEDS)
+
+
 def sanity_checks(short: dict[str, dict[str, Any]], majority: float) -> list[dict[str, Any]]:
     """Does the benchmark measure token selection at all? On the dense stage-2 model: it must read the
     image, lose most of it with one token per image and much of it with a random 20 %, and lose nothing
     when exactly the target patches are kept. A failure means information leaks past the dropped tokens."""
     dense = short["dense (stage 2)"]["overall"]
-    random_20 = statistics.mean(short[f"random {CLAIM_BUDGET:g} seed {s}"]["overall"] for s in RANDOM_SEEDS)
+    random_20 = random_accuracy(short)
     checks = [("dense >= majority + 30", dense - majority, 30.0),
               ("1 random token per image <= dense - 30", dense - short["random 1 token"]["overall"], 30.0),
               (f"random {100 * CLAIM_BUDGET:.0f} % (5 seeds) <= dense - 10", dense - random_20, 10.0),
@@ -467,7 +472,7 @@ def order_claim(short: dict[str, dict[str, Any]], ours_rows: Sequence[str]) -> d
     """The last claim fixed before the run: at 20 %, Dynamic-LLaVA > FastV > random (mean of 5 seeds) overall,
     on each Dynamic-LLaVA training in `ours_rows` (one per seed). Met only with 2 trainings or more."""
     fastv = short[f"fastv {CLAIM_BUDGET:g}"]["overall"]
-    random = statistics.mean(short[f"random {CLAIM_BUDGET:g} seed {s}"]["overall"] for s in RANDOM_SEEDS)
+    random = random_accuracy(short)
     runs = [{"row": row, "dynamic_llava": short[row]["overall"], "holds": short[row]["overall"] > fastv > random}
             for row in ours_rows]
     return {"claim": "Dynamic-LLaVA > FastV > random (5 seeds) on every training seed", "fastv": fastv,
