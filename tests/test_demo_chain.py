@@ -138,7 +138,7 @@ def test_export_refuses_a_dense_checkpoint(chain: Path, tmp_path: Path, capsys: 
 
 
 def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path) -> None:
-    from dynamic_llava.demo.compare import object_patches, scene_of
+    from dynamic_llava.demo.compare import NO_LOOK_ALIKES, ORACLE_AT_BUDGET, object_patches, scene_of
 
     out = tmp_path / "results"
     assert cli_main(["demo", "compare", "--chain", str(chain), "--out", str(out), "--work", str(tmp_path / "work"),
@@ -153,11 +153,14 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     assert len({scene_of(q) for q in questions}) == 2
     targets = object_patches(chain / "data", "test")
     mean_targets = sum(sum(targets[q["image"]][0]) for q in questions) / len(questions)
+    mean_look_alikes = sum(sum(targets[q["image"]][1]) for q in questions) / len(questions)
     for name, row in short.items():
         if row["family"] == "dense":
             expected = 64
-        elif row["family"] == "oracle":
+        elif name == "oracle (target patches)":
             expected = mean_targets  # exactly each image's target patches
+        elif name == NO_LOOK_ALIKES:
+            expected = 64 - mean_look_alikes
         else:
             expected = max(1, math.floor(row["vision_keep_rate"] * 64 + 1e-6))
         assert row["image_tokens_kept"] == pytest.approx(expected), name
@@ -168,6 +171,8 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
         assert row["checkpoint"] == expected, name
         assert set(row["pope"]) == {"random", "popular", "adversarial"}
     assert short["oracle (target patches)"]["kept_objects"] == {"targets": 1.0, "distractors": 0.0}
+    for oracle in (ORACLE_AT_BUDGET, NO_LOOK_ALIKES):  # 12 tokens / every other patch (above)
+        assert short[oracle]["kept_objects"] == {"targets": 1.0, "distractors": 0.0}
     assert short["dense (stage 2)"]["kept_objects"] == {"targets": 1.0, "distractors": 1.0}
     assert flops["fastv 0.2"]["kept_image_tokens"] == flops["dynamic-llava I 0.2"]["kept_image_tokens"] == 12
     # same budget and layer, same paper-formula FLOPs; FastV's layer 0 reads every token; fewer image tokens,
@@ -194,7 +199,7 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     for view in ("overall", "attribute"):
         checks = results["sanity_checks"][view]
         assert [c["check"] for c in checks][0] == "dense >= majority + 30"
-        assert len(checks) == 4 and all(isinstance(c["passed"], bool) for c in checks)
+        assert len(checks) == 5 and all(isinstance(c["passed"], bool) for c in checks)
         assert len(results["claims"][view]) == 3 and len(results["negative_controls"][view]) == 2
         assert all(c["low"] <= c["difference"] <= c["high"]
                    for c in results["claims"][view] + results["negative_controls"][view])

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamic_llava.demo.compare import (RANDOM_SEEDS, claims, negative_controls, of_type, only, order_claim,
+from dynamic_llava.demo.compare import (NO_LOOK_ALIKES, RANDOM_SEEDS, claims, negative_controls, of_type, only, order_claim,
                                           paired_bootstrap, sanity_checks)
-from dynamic_llava.demo.reference_policies import CentrePrior, GivenPatches, centre_scores
+from dynamic_llava.demo.reference_policies import CentrePrior, GivenPatches, centre_scores, targets_plus_background
 from dynamic_llava.model.batch import IMAGE, TEXT, TokenBatch
 
 
@@ -27,9 +27,10 @@ def test_bootstrap_interval_brackets_the_difference_and_resamples_scenes() -> No
     assert by_scene["high"] - by_scene["low"] > 1.3 * (by_question["high"] - by_question["low"])
 
 
-def _short(dense: float, one_token: float, random: float, oracle: float, ours: float = 0.0, fastv: float = 0.0
-           ) -> dict[str, dict[str, float]]:
+def _short(dense: float, one_token: float, random: float, oracle: float, ours: float = 0.0, fastv: float = 0.0,
+           no_look_alikes: float | None = None) -> dict[str, dict[str, float]]:
     rows = {"dense (stage 2)": dense, "random 1 token": one_token, "oracle (target patches)": oracle,
+            NO_LOOK_ALIKES: oracle if no_look_alikes is None else no_look_alikes,
             "dynamic-llava I 0.2": ours, "fastv 0.2": fastv}
     rows |= {f"random 0.2 seed {s}": random for s in RANDOM_SEEDS}
     return {name: {"overall": value} for name, value in rows.items()}
@@ -39,8 +40,12 @@ def test_sanity_checks_fail_when_the_benchmark_leaks() -> None:
     good = sanity_checks(_short(0.8, 0.4, 0.6, 0.79), majority=0.3)
     assert all(c["passed"] for c in good)
     leaky = sanity_checks(_short(0.8, 0.7, 0.78, 0.8), majority=0.3)
-    assert [c["passed"] for c in leaky] == [True, False, False, True]
+    assert [c["passed"] for c in leaky] == [True, False, False, True, True]
     assert not sanity_checks(_short(0.8, 0.4, 0.6, 0.75), majority=0.3)[3]["passed"]  # oracle 5 points down
+    # the target-only oracle 5 points down, every patch but the look-alikes within 2: a shift, not a leak
+    shifted = sanity_checks(_short(0.8, 0.4, 0.6, 0.75, no_look_alikes=0.79), majority=0.3)
+    assert [c["passed"] for c in shifted] == [True, True, True, False, True]
+    assert shifted[4]["check"] == "oracle (every patch but the look-alikes) >= dense - 2"
 
 
 def test_claims_need_the_interval_to_exclude_zero_against_fastv() -> None:
@@ -93,6 +98,18 @@ def test_given_patches_keeps_exactly_them_per_image() -> None:
     masks = [torch.tensor([True, False, False, True]), torch.tensor([False, False, True, False])]
     keep = GivenPatches(masks, sparse_layer=2).select(torch.zeros(2, 6, 4), _batch(2, 4))
     assert keep[:, 2:].tolist() == [m.tolist() for m in masks] and keep[:, :2].all()
+
+
+def test_oracle_at_budget_adds_background_never_a_look_alike() -> None:
+    targets = [i in (0, 5, 9) for i in range(16)]
+    distractors = [i in (1, 2, 3, 4) for i in range(16)]
+    keep = targets_plus_background(targets, distractors, budget=6, seed="a.png")
+    assert sum(keep) == 6 and all(keep[i] for i in (0, 5, 9)) and not any(keep[i] for i in (1, 2, 3, 4))
+    assert keep == targets_plus_background(targets, distractors, budget=6, seed="a.png")  # same image, same patches
+    others = {tuple(targets_plus_background(targets, distractors, 6, f"{i}.png")) for i in range(20)}
+    assert len(others) > 1  # the background is drawn per image, not a fixed corner
+    assert targets_plus_background(targets, distractors, budget=2, seed="a.png") == targets  # never drops a target
+    assert sum(targets_plus_background(targets, distractors, budget=16, seed="a.png")) == 12  # no look-alike
 
 
 def test_negative_controls_hold_only_when_the_method_loses() -> None:

@@ -2,6 +2,8 @@
 
 - `GivenPatches` (the oracle): keeps exactly the patches it is given for each image (the scene's target
   patches, which the generator knows), so a model that reads the targets well loses nothing with it;
+  `targets_plus_background` gives it the oracle at a token budget: the targets, the rest of the budget
+  background patches, never a look-alike;
 - `CentrePrior`: keeps the budget's patches nearest the image centre whatever the image shows, the
   "where things usually are" prior that needs no model at all.
 
@@ -12,6 +14,7 @@ generated tokens too.
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -65,3 +68,12 @@ def centre_scores(n_patches: int) -> torch.Tensor:
     centre = (side - 1) / 2
     distance = ((row - centre) ** 2 + (col - centre) ** 2).sqrt()
     return -distance - index.double() * 1e-6
+
+
+def targets_plus_background(targets: list[bool], distractors: list[bool], budget: int, seed: str) -> list[bool]:
+    """Keep mask of the target patches plus background patches (neither a target nor a look-alike), drawn at
+    random with `seed` (e.g. the image's name, so every question on an image keeps the same patches), up to
+    `budget` patches in all."""
+    background = [i for i, (target, distractor) in enumerate(zip(targets, distractors)) if not (target or distractor)]
+    fill = random.Random(seed).sample(background, max(0, min(len(background), budget - sum(targets))))
+    return [target or i in fill for i, target in enumerate(targets)]
