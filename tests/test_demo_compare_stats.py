@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamic_llava.demo.compare import (NO_LOOK_ALIKES, RANDOM_SEEDS, claims, negative_controls, of_type, only, order_claim,
-                                          paired_bootstrap, sanity_checks)
+from dynamic_llava.demo.compare import (NO_LOOK_ALIKES, RANDOM_SEEDS, claims, negative_controls, of_type, only,
+                                          order_claim, paired_bootstrap, sanity_checks)
 from dynamic_llava.demo.reference_policies import CentrePrior, GivenPatches, centre_scores, targets_plus_background
 from dynamic_llava.model.batch import IMAGE, TEXT, TokenBatch
 

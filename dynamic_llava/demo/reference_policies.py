@@ -75,5 +75,5 @@ def targets_plus_background(targets: list[bool], distractors: list[bool], budget
     random with `seed` (e.g. the image's name, so every question on an image keeps the same patches), up to
     `budget` patches in all."""
     background = [i for i, (target, distractor) in enumerate(zip(targets, distractors)) if not (target or distractor)]
-    fill = random.Random(seed).sample(background, max(0, min(len(background), budget - sum(targets))))
+    fill = set(random.Random(seed).sample(background, max(0, min(len(background), budget - sum(targets)))))
     return [target or i in fill for i, target in enumerate(targets)]
