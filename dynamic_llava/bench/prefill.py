@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import platform
 import resource
 import statistics
@@ -32,7 +31,7 @@ from transformers import LlavaForConditionalGeneration
 
 from ..errors import UserError
 from ..model.llava import DynamicLlavaForCausalLM, StepOutput
-from ..model.policy import TokenPolicy, make_policy
+from ..model.policy import TokenPolicy, kept_image_tokens, make_policy
 from .attention_kernels import attention_kernels, describe
 from .device import (
     add_device_argument, add_dtype_argument, device_info, peak_memory_bytes, reset_peak_memory, resolve_device,
@@ -203,7 +202,7 @@ def _warm_up(model: DynamicLlavaForCausalLM, ref: LlavaForConditionalGeneration,
     logits_diff = float((outs["dense"].logits.float() - theirs).abs().max() / theirs.abs().max())
     argmax_agrees = bool((outs["dense"].logits.argmax(-1) == theirs.argmax(-1)).all())
     image_kept = (outs["sparse"].keep.sum(1) - inputs.text_tokens).tolist()
-    expected_kept = math.floor(policies["sparse"].vision_keep_rate * inputs.image_tokens + 1e-6)
+    expected_kept = kept_image_tokens(policies["sparse"].vision_keep_rate, inputs.image_tokens)
     print(f"  next-token logits, ours dense vs transformers ({dtype_name}): max rel |diff| {logits_diff:.2e}, "
           f"argmax {'agrees' if argmax_agrees else 'DIFFERS'}")
     print(f"  sparse keeps {image_kept} of {inputs.image_tokens} image tokens per sample "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import statistics
 from collections.abc import Sequence
@@ -213,7 +212,7 @@ class ShortAnswerRun:
 
         from ..generation import GenerationConfig, generate
         from ..model.policy import SparsityOptions, make_policy
-        from .reference_policies import CentrePrior, GivenPatches, targets_plus_background
+        from .reference_policies import CentrePrior, GivenPatches
 
         options = _options(method.flags) if method.flags else SparsityOptions(sparse_layer=method.sparse_layer)
         trained = {k: v.clone() for k, v in self.model.state_dict().items() if "score_predictor" in k}
@@ -225,13 +224,8 @@ class ShortAnswerRun:
             for start in tqdm(range(0, len(self.requests), self.batch_size), desc=method.name, unit="batch"):
                 batch = self.requests[start:start + self.batch_size]
                 questions = self.questions[start:start + self.batch_size]
-                if method.vision_rule == "oracle":
-                    policy = GivenPatches([torch.tensor(self.patches[q["image"]][0]) for q in questions],
-                                          method.sparse_layer)
-                elif method.vision_rule == "oracle + background":
-                    budget = math.floor(method.vision_keep * len(self.patches[questions[0]["image"]][0]) + 1e-6)
-                    policy = GivenPatches([torch.tensor(targets_plus_background(*self.patches[q["image"]], budget,
-                                                                                q["image"])) for q in questions],
+                if method.vision_rule in ("oracle", "oracle + background"):
+                    policy = GivenPatches([torch.tensor(self.oracle_patches(method, q["image"])) for q in questions],
                                           method.sparse_layer)
                 elif method.vision_rule == "centre":
                     policy = CentrePrior(method.vision_keep, method.sparse_layer)
@@ -245,6 +239,16 @@ class ShortAnswerRun:
                          for q, r in zip(questions, results)]
         self.model.load_state_dict(trained, strict=False)
         return rows
+
+    def oracle_patches(self, method: Method, image: str) -> list[bool]:
+        """The patches an oracle row keeps of `image`: its targets, plus background up to the row's budget."""
+        from ..model.policy import kept_image_tokens
+        from .reference_policies import targets_plus_background
+
+        targets, look_alikes = self.patches[image]
+        if method.vision_rule == "oracle":
+            return targets
+        return targets_plus_background(targets, look_alikes, kept_image_tokens(method.vision_keep, len(targets)), image)
 
 
 def _options(flags: Sequence[str]) -> SparsityOptions:

@@ -101,12 +101,15 @@ class DensePolicy:
         return batch.valid
 
 
+def kept_image_tokens(keep_rate: float, n: int) -> int:
+    """How many of an image's `n` tokens a keep rate keeps: floor(keep_rate x n), at least 1."""
+    return max(1, math.floor(keep_rate * n + 1e-6))
+
+
 def images_top_k(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
-    """scores [n_images, N] -> keep [n_images, N] with exactly floor(keep_rate x N) (>= 1) per image."""
-    n = scores.shape[1]
-    k = max(1, math.floor(keep_rate * n + 1e-6))
+    """scores [n_images, N] -> keep [n_images, N] with exactly `kept_image_tokens` per image."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    return keep.scatter_(1, scores.topk(k, dim=1).indices, True)
+    return keep.scatter_(1, scores.topk(kept_image_tokens(keep_rate, scores.shape[1]), dim=1).indices, True)
 
 
 def image_token_index(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
