@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.model.policy import SparsityOptions, make_policy
-from dynamic_llava.model.sparsity_training import SparsityTraining, decide, gumbel_keep, gumbel_tau, last_answer_mask
+from dynamic_llava.model.sparsity_training import (SparsityTraining, decide, gumbel_keep, gumbel_tau, gumbel_top_k_keep,
+                                                   last_answer_mask)
 
 
 @pytest.fixture()
@@ -147,6 +148,54 @@ def test_gumbel_keep_is_hard_with_a_soft_gradient() -> None:
     assert logits.grad.abs().sum() > 0
     # with logits strongly for "keep" (index 0) almost everything is kept
     assert gumbel_keep(torch.tensor([[5.0, -5.0]]).expand(1000, 2), 1.0).mean() > 0.95
+
+
+def test_gumbel_top_k_keeps_exactly_k_per_image_with_a_gradient_at_the_cut() -> None:
+    torch.manual_seed(0)
+    # keep margins 30, 60, ... 360 (logits [m / 2, -m / 2]): far apart against the logistic noise
+    margins = 30.0 * torch.arange(1.0, 13.0)
+    logits = torch.stack([margins / 2, -margins / 2], -1).repeat(4, 1, 1).requires_grad_()
+    keep = gumbel_top_k_keep(logits, k=3, tau=1.0)
+    assert set(keep.detach().unique().tolist()) == {0.0, 1.0}
+    assert keep.detach().sum(1).tolist() == [3.0] * 4
+    assert keep.detach()[:, -3:].eq(1).all()  # the 3 largest margins
+    keep[:, 8].sum().backward()  # the largest margin below the cut
+    # its sigmoid around the cut (between 9 and 8) has a gradient; a token 7 places below does not
+    assert logits.grad[:, 8, 0].gt(0).all() and logits.grad[:, 8, 1].lt(0).all()
+    assert logits.grad[:, 1].abs().max() < 1e-12
+    # a Gumbel decision keeps all 12 (every margin is far above 0), and none has a gradient: the saturation
+    # the top-k decision avoids
+    saturated = logits.detach().requires_grad_()
+    gumbel = gumbel_keep(saturated, 1.0)
+    assert gumbel.detach().sum(1).tolist() == [12.0] * 4
+    gumbel.sum().backward()
+    assert saturated.grad.abs().max() < 1e-6
+    # k >= N keeps everything
+    assert gumbel_top_k_keep(logits.detach(), k=12, tau=1.0).eq(1).all()
+
+
+def test_top_k_image_decision_keeps_what_inference_keeps(model, monkeypatch) -> None:
+    """With --image_decision top_k each image keeps floor(vision_keep_rate x N) tokens in training, as the
+    inference's top-k does (115 of 576 at 0.2), and the predictor still gets a gradient."""
+    from dynamic_llava.model import llava
+
+    decided = []
+
+    def recording_decide(*args, **kwargs):
+        decided.append(decide(*args, **kwargs))
+        return decided[-1]
+
+    monkeypatch.setattr(llava, "decide", recording_decide)
+    ids, labels, mask, images = _batch()
+    model.sparsity_training = SparsityTraining(tau=1.0, image_decision="top_k")
+    torch.manual_seed(0)
+    out = model(ids, labels, mask, images)
+    assert decided[0].keep.detach()[0, 2:2 + 576].sum() == 115
+    torch.testing.assert_close(out.vision_keep.float(), torch.tensor(115 / 576))
+    out.loss.backward()
+    grads = [p.grad for p in model.model.image_score_predictor.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
 def test_tau_schedule_is_exponential() -> None:

@@ -83,6 +83,7 @@ class Recipe:
     # which swamps the keep-rate regulariser: on the 1600-step stage 2, stage 3 with the exact derivative
     # learnt to keep every image token on 4 of 5 tries (RESULTS). "bounded" held the rate (`--keep_gradient`).
     keep_gradient: str = "bounded"
+    image_decision: str = "gumbel"  # the reference's (`--image_decision`; RESULTS: top_k)
     # Descriptions are 140-340 tokens, the one-turn question lists 100-140, short answers 1-3: the threshold
     # selects the descriptions and the lists for output-token decisions.
     output_text_len: int = 64
@@ -229,6 +230,7 @@ def stage3(recipe: Recipe, data: Path, dense: Path, tower: Path, out: Path, seed
            "--num_train_epochs", str(recipe.stage3_epochs), "--learning_rate", str(recipe.stage3_lr),
            "--predictor_lr", str(recipe.predictor_lr), "--sparse_layer", str(recipe.sparse_layer),
            "--vision_keep_rate", "0.2", "--keep_gradient", recipe.keep_gradient,
+           "--image_decision", recipe.image_decision,
            "--output_text_keep_rate", "0.5", "--output_text_len_for_training", str(recipe.output_text_len),
            *(["--max_steps", str(recipe.stage3_steps)] if recipe.stage3_steps is not None else [])],
           sparse=True)

@@ -385,7 +385,8 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         decisions = None
         if self.sparsity_training is not None and sparse_layer < len(self.model.layers):
             decisions = decide(h, batch, expanded, sparse, self.model.image_score_predictor,
-                               self.model.output_text_score_predictor, self.sparsity_training.tau)
+                               self.model.output_text_score_predictor, self.sparsity_training.tau,
+                               self.sparsity_training.image_decision)
         keep, decided = (decisions.keep, decisions.decided) if decisions is not None else (None, None)
         h = self._train_layers(batch, sparse_layer, len(self.model.layers), keep, h, decided)
         logits = self._logits(h)

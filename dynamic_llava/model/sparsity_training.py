@@ -24,7 +24,7 @@ from .config import SparseConfig
 from .decoder import Attention
 from .flex_masked_attention import flex_attention_available, flex_masked_softmax_attention
 from .masked_attention import masked_softmax_attention
-from .policy import image_token_index
+from .policy import image_token_index, kept_image_tokens
 from .predictors import ImageScorePredictor, TokenScorePredictor
 
 
@@ -34,6 +34,16 @@ class SparsityTraining:
     temperature (the trainer lowers it every optimiser step, see `gumbel_tau`)."""
 
     tau: float = 1.0
+    image_decision: str = "gumbel"  # one of IMAGE_DECISIONS
+
+
+# How image tokens are chosen in training (`--image_decision`). "gumbel" (the reference's): each token is kept
+# where its Gumbel-perturbed keep margin is above 0, and the regulariser pulls the kept share to the rate.
+# Once the margins are far from 0 the decisions, and their soft gradient, freeze, and nothing orders two kept
+# tokens, though inference keeps the top k by margin. "top_k": each image keeps exactly the k tokens inference
+# would (`kept_image_tokens`), those with the largest perturbed margins; the soft gradient is taken around the
+# cut between the k-th and the next, so the tokens whose rank decides the choice always get one.
+IMAGE_DECISIONS = ("gumbel", "top_k")
 
 
 # Implementations of the masked-softmax attention the later layers train with (`--masked_attention`):
@@ -89,6 +99,22 @@ def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
     return (hard - soft.detach() + soft)[..., 0]
 
 
+def gumbel_top_k_keep(logits: torch.Tensor, k: int, tau: float) -> torch.Tensor:
+    """logits [n, N, 2] (index 0 = keep) -> keep [n, N]: exactly the k tokens per row with the largest
+    Gumbel-perturbed keep margins, forward; gradient of sigmoid((margin - cut) / tau), the cut midway between
+    the k-th and the (k+1)-th perturbed margin."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    perturbed = log_probs - torch.empty_like(log_probs).exponential_().log()
+    margin = perturbed[..., 0] - perturbed[..., 1]  # the Gumbel decision keeps where this is > 0
+    if k >= margin.shape[-1]:
+        return torch.ones_like(margin)
+    top = margin.detach().topk(k + 1, dim=-1)
+    cut = (top.values[..., k - 1:k] + top.values[..., k:]) / 2
+    soft = torch.sigmoid((margin - cut) / tau)
+    hard = torch.zeros_like(margin).scatter_(-1, top.indices[..., :k], 1.0)
+    return hard - soft.detach() + soft
+
+
 def last_answer_mask(labels: torch.Tensor) -> torch.Tensor:
     """labels [B, T] -> bool [B, T]: the last contiguous run of supervised tokens of each sample."""
     supervised = labels != IGNORE_INDEX
@@ -115,8 +141,9 @@ class TrainingDecisions:
 
 def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse: SparseConfig,
            image_predictor: ImageScorePredictor, output_text_predictor: TokenScorePredictor,
-           tau: float) -> TrainingDecisions:
-    """Sample the keep decisions for the hidden states [B, T, C] entering sparse_layer."""
+           tau: float, image_decision: str = "gumbel") -> TrainingDecisions:
+    """Sample the keep decisions for the hidden states [B, T, C] entering sparse_layer (image tokens by
+    `image_decision`, one of IMAGE_DECISIONS)."""
     keep = batch.valid.to(torch.float32)
     decided = torch.zeros_like(batch.valid)
     n_samples = batch.lengths.shape[0]
@@ -125,7 +152,11 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
     is_image = batch.kinds == IMAGE
     if sparse.sparsify_vision and bool((is_image & batch.valid).any()):
         samples, slots = image_token_index(batch)
-        image_keep = gumbel_keep(image_predictor(hidden[samples, slots]), tau)  # [n_images, N]
+        logits = image_predictor(hidden[samples, slots])
+        if image_decision == "top_k":
+            image_keep = gumbel_top_k_keep(logits, kept_image_tokens(sparse.vision_keep_rate, slots.shape[1]), tau)
+        else:
+            image_keep = gumbel_keep(logits, tau)  # [n_images, N]
         keep = keep.index_put((samples, slots), image_keep)
         decided[samples, slots] = True
         owner = samples[:, 0]

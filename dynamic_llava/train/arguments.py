@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from ..errors import UserError
-from ..model.sparsity_training import KEEP_GRADIENTS, MASKED_ATTENTION, masked_attention_function
+from ..model.sparsity_training import IMAGE_DECISIONS, KEEP_GRADIENTS, MASKED_ATTENTION, masked_attention_function
 
 # Later transformers 5 releases renamed --gradient_checkpointing(_kwargs) to --activation_checkpointing(_kwargs)
 # and warn on the old names, which LLaVA's scripts use; 5.0 knows only the old ones.
@@ -66,10 +66,18 @@ class SparseArguments:
         "help": "dL/dkeep of a dropped token: exact (the masked softmax's derivative, as the reference; unbounded "
                 "when the token outscores every kept one) or bounded (the change of the attention output when the "
                 "token is added back)"})
+    image_decision: str = field(default="gumbel", metadata={
+        "choices": list(IMAGE_DECISIONS),
+        "help": "how training picks image tokens: gumbel (each token kept where its Gumbel-perturbed keep margin is "
+                "above 0, the regulariser pulling the share to vision_keep_rate, as the reference) or top_k (exactly "
+                "the floor(vision_keep_rate x N) tokens with the largest perturbed margins, as inference keeps; "
+                "gradient around the cut)"})
 
     def __post_init__(self) -> None:
         # this torch lacks flex, or a name is wrong: UserError before any work
         masked_attention_function(self.masked_attention, self.keep_gradient)
+        if self.image_decision not in IMAGE_DECISIONS:
+            raise UserError(f"image decision must be one of {', '.join(IMAGE_DECISIONS)}, got {self.image_decision!r}")
 
     def sparse_config(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in (

@@ -67,7 +67,8 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
 
     model, tokenizer, image_processor = build_model(model_args, training_args, data_args.image_aspect_ratio,
                                                     sparse_args if sparse else None)
-    model.sparsity_training = SparsityTraining(sparse_args.gumbel_start_tau) if sparse else None
+    model.sparsity_training = (SparsityTraining(sparse_args.gumbel_start_tau, sparse_args.image_decision)
+                               if sparse else None)
     use_masked_attention(model, masked_attention_function(sparse_args.masked_attention, sparse_args.keep_gradient))
     if sparse and sparse_args.masked_attention == "flex" and training_args.device.type != "cuda":
         warnings.warn("--masked_attention flex has fused kernels only on CUDA; on "
