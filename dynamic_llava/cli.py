@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                     module=".demo.export")
     demo.add_parser("compare", help="dense / Dynamic-LLaVA / FastV / random / H2O on a chain's model: "
                     "JSON, tables and plots", module=".demo.compare")
+    demo.add_parser("margins", help="the image predictor's keep margins by patch kind (target, look-alike, "
+                    "background) on a chain's test scenes", module=".demo.keep_margins")
     return parser
 
 

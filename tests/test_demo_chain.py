@@ -137,6 +137,46 @@ def test_export_refuses_a_dense_checkpoint(chain: Path, tmp_path: Path, capsys: 
     assert not (tmp_path / "m").exists()
 
 
+def test_margins_rank_the_patches_as_inference_keeps_them(chain: Path, tmp_path: Path) -> None:
+    """`demo margins`' "in top k" shares count the same patches the predictor policy keeps in `generate`."""
+    from dynamic_llava.data.scenes import scene_from_dict
+    from dynamic_llava.demo.keep_margins import patch_kinds
+    from dynamic_llava.generation import GenerationConfig, generate
+    from dynamic_llava.model.policy import SparsityOptions, make_policy
+    from dynamic_llava.prompting import prepare_request
+
+    out = tmp_path / "margins.json"
+    assert cli_main(["demo", "margins", "--model", str(chain / "stage3"), "--data", str(chain / "data"),
+                     "--scenes", "5", "--batch-size", "2", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    kinds = table["kinds"]
+    assert table["images"] == 5 and sum(row["patches"] for row in kinds.values()) == 5 * 64
+    assert "background" in kinds and any(kind.startswith("target ") for kind in kinds)
+    assert all(row["min"] <= row["mean"] <= row["max"] for row in kinds.values())
+
+    tokenizer, model, processor, _ = load_pretrained_model(chain / "stage3")
+    kept: dict[str, int] = {}
+    for row in read_jsonl(chain / "data" / "test" / "scenes.jsonl")[:5]:
+        request = prepare_request("What is in the image?", [chain / "data" / "images" / row["image"]], tokenizer,
+                                  processor, model.config, "llava_v1")
+        result = generate(model, tokenizer, [request.input_ids], [request.pixel_values],
+                          GenerationConfig(max_new_tokens=1), make_policy(model, SparsityOptions()))[0]
+        for keep, kind in zip(result.image_keep[0], patch_kinds(scene_from_dict(row), 64)):
+            kept[kind] = kept.get(kind, 0) + keep
+    for kind, row in kinds.items():
+        assert round(row["in_top_k"] * row["patches"] / 100) == kept[kind], kind
+    assert sum(kept.values()) == 5 * 12
+
+
+def test_margins_refuse_a_model_without_an_image_predictor(chain: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "margins.json"
+    assert cli_main(["demo", "margins", "--model", str(chain / "stage2"), "--data", str(chain / "data"),
+                     "--out", str(out)]) == 2
+    assert "does not sparsify image tokens" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path) -> None:
     from dynamic_llava.demo.compare import NO_LOOK_ALIKES, ORACLE_AT_BUDGET, object_patches, scene_of
 

@@ -136,8 +136,8 @@ def _train_dense(model: DynamicLlavaForCausalLM, steps: int = 50, batch: int = 6
     model.eval()
 
 
-def _train_predictor(model: DynamicLlavaForCausalLM, steps: int = 600, batch: int = 8, lr: float = 5e-4
-                     ) -> list[float]:
+def _train_predictor(model: DynamicLlavaForCausalLM, steps: int = 600, batch: int = 8, lr: float = 5e-4,
+                     image_decision: str = "gumbel") -> list[float]:
     """Train only the image predictor with the sparse training forward, as the trainer does: AdamW, 3 %
     warmup then cosine, gradient norm clipped at 1, tau decayed from 1.0 to 0.1. Returns the kept image
     fraction of every step's sampled decisions."""
@@ -151,7 +151,7 @@ def _train_predictor(model: DynamicLlavaForCausalLM, steps: int = 600, batch: in
     kept = []
     model.train()
     for step in range(steps):
-        model.sparsity_training = SparsityTraining(tau=gumbel_tau(step, steps, 1.0, 0.1))
+        model.sparsity_training = SparsityTraining(gumbel_tau(step, steps, 1.0, 0.1), image_decision)
         s = _sample(batch, data)
         out = model(s.input_ids, s.labels, images=s.pixels)
         optimiser.zero_grad()
@@ -239,14 +239,15 @@ def test_the_answer_needs_the_marked_token(dense_state: dict[str, torch.Tensor])
     assert hidden_accuracy < 0.25, f"chance is {1 / N_CLASSES}"
 
 
-@pytest.mark.parametrize("keep_gradient", KEEP_GRADIENTS)
+@pytest.mark.parametrize(("keep_gradient", "image_decision"),
+                         [*((gradient, "gumbel") for gradient in KEEP_GRADIENTS), ("bounded", "top_k")])
 def test_the_image_predictor_learns_to_keep_the_token_the_answer_needs(dense_state: dict[str, torch.Tensor],
-                                                                        keep_gradient: str) -> None:
+                                                                        keep_gradient: str, image_decision: str) -> None:
     model = _frozen_llm(dense_state)
     use_masked_attention(model, masked_attention_function("blocked", keep_gradient))
     learned = lambda s: make_policy(model)  # noqa: E731  the predictor's top-k, k = 2 of 16
     _, untrained_kept = _evaluate(model, learned)
-    training_kept = _train_predictor(model)
+    training_kept = _train_predictor(model, image_decision=image_decision)
     accuracy, kept = _evaluate(model, learned)
     assert kept >= 0.9, f"marked token kept in {kept:.1%} of samples (untrained predictor: {untrained_kept:.1%})"
     assert accuracy >= 0.9, f"accuracy with 2 of 16 image tokens: {accuracy:.1%}"

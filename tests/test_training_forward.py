@@ -198,6 +198,30 @@ def test_top_k_image_decision_keeps_what_inference_keeps(model, monkeypatch) -> 
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+@pytest.mark.parametrize(("image_decision", "trains"), [("gumbel", True), ("top_k", False)])
+def test_the_image_regulariser_trains_the_predictor_only_under_the_gumbel_decision(
+        model, monkeypatch, image_decision: str, trains: bool) -> None:
+    """Under top_k the kept share is fixed, so the regulariser's image term is a constant: through the
+    straight-through estimator it would push every token at the cut alike and drown the LM's signal (in the
+    demo's stage 3 the LM loss stayed at its start)."""
+    from dynamic_llava.model import llava
+
+    decided = []
+
+    def recording_decide(*args, **kwargs):
+        decided.append(decide(*args, **kwargs))
+        return decided[-1]
+
+    monkeypatch.setattr(llava, "decide", recording_decide)
+    _train_with(model, output_text_len_for_training=100)  # no answer is long enough: the image term alone
+    model.sparsity_training = SparsityTraining(tau=1.0, image_decision=image_decision)
+    ids, labels, mask, images = _batch()
+    torch.manual_seed(0)
+    model(ids, labels, mask, images)
+    assert float(decided[0].mask_loss_sum) > 0
+    assert decided[0].mask_loss_sum.requires_grad is trains
+
+
 def test_tau_schedule_is_exponential() -> None:
     assert gumbel_tau(0, 100, 1.0, 0.1) == pytest.approx(1.0)
     assert gumbel_tau(50, 100, 1.0, 0.1) == pytest.approx(0.1 ** 0.5)

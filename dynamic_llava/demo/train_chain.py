@@ -83,7 +83,7 @@ class Recipe:
     # which swamps the keep-rate regulariser: on the 1600-step stage 2, stage 3 with the exact derivative
     # learnt to keep every image token on 4 of 5 tries (RESULTS). "bounded" held the rate (`--keep_gradient`).
     keep_gradient: str = "bounded"
-    image_decision: str = "gumbel"  # the reference's (`--image_decision`; RESULTS: top_k)
+    image_decision: str = "gumbel"  # stage 3's image-token decision, the reference's (`--image-decision`)
     # Descriptions are 140-340 tokens, the one-turn question lists 100-140, short answers 1-3: the threshold
     # selects the descriptions and the lists for output-token decisions.
     output_text_len: int = 64
@@ -389,6 +389,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training precision of every stage (evaluation is always fp32). auto: bf16 autocast "
                         "where the CPU runs bf16 natively (AMX / AVX512-BF16), else fp32. fp32 learns more "
                         "(docs/RESULTS.md) and is slower where bf16 is native")
+    from ..model.sparsity_training import IMAGE_DECISIONS
+
+    parser.add_argument("--image-decision", choices=IMAGE_DECISIONS, default=FULL.image_decision,
+                        help="how stage 3 picks image tokens (`train --image_decision`): gumbel, the reference's "
+                        "per-token decision, or top_k, the tokens inference keeps (docs/RESULTS.md)")
 
 
 def _positive_int(text: str) -> int:
@@ -403,7 +408,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = QUICK if args.quick else FULL
     if args.stage3_steps is not None:
         recipe = dataclasses.replace(recipe, stage3_steps=args.stage3_steps)
-    return dataclasses.replace(recipe, bf16=PRECISIONS[args.precision])
+    return dataclasses.replace(recipe, bf16=PRECISIONS[args.precision], image_decision=args.image_decision)
 
 
 def run(args: argparse.Namespace) -> int:

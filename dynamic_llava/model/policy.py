@@ -183,14 +183,14 @@ class DynamicLlavaPolicy:
         keep = batch.valid.clone()
         if self.vision_rule is not None and bool((batch.kinds == IMAGE).any()):
             samples, slots = image_token_index(batch)
-            scores = self._image_scores(hidden, batch, samples, slots, probe)
+            scores = self.image_scores(hidden, batch, samples, slots, probe)
             keep[samples, slots] = images_top_k(scores, self.vision_keep_rate)
         is_output = (batch.kinds == OUTPUT) & batch.valid
         if self.output_rule is not None and bool(is_output.any()):
             keep[is_output] = self._output_keep(hidden, batch, is_output)
         return keep
 
-    def _image_scores(self, hidden: torch.Tensor, batch: TokenBatch, samples: torch.Tensor, slots: torch.Tensor,
+    def image_scores(self, hidden: torch.Tensor, batch: TokenBatch, samples: torch.Tensor, slots: torch.Tensor,
                       probe: AttentionProbe | None) -> torch.Tensor:
         """[n_images, N] ranking scores (higher = keep)."""
         if self.vision_rule == "predictor":

@@ -155,12 +155,15 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
         logits = image_predictor(hidden[samples, slots])
         if image_decision == "top_k":
             image_keep = gumbel_top_k_keep(logits, kept_image_tokens(sparse.vision_keep_rate, slots.shape[1]), tau)
+            # The kept share is fixed, so the regulariser's term is a constant: through the straight-through
+            # estimator it would only push every token near the cut up (or down) alike, drowning the LM signal.
+            counted = image_keep.detach()
         else:
-            image_keep = gumbel_keep(logits, tau)  # [n_images, N]
+            image_keep = counted = gumbel_keep(logits, tau)  # [n_images, N]
         keep = keep.index_put((samples, slots), image_keep)
         decided[samples, slots] = True
         owner = samples[:, 0]
-        kept = zero.new_zeros(n_samples).index_add(0, owner, image_keep.sum(1))
+        kept = zero.new_zeros(n_samples).index_add(0, owner, counted.sum(1))
         total = zero.new_zeros(n_samples).index_add(0, owner, image_keep.new_full(owner.shape, slots.shape[1]))
         has_image = total > 0
         fraction = kept[has_image] / total[has_image]
