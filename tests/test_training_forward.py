@@ -160,9 +160,18 @@ def test_gumbel_top_k_keeps_exactly_k_per_image_with_a_gradient_at_the_cut() -> 
     assert keep.detach().sum(1).tolist() == [3.0] * 4
     assert keep.detach()[:, -3:].eq(1).all()  # the 3 largest margins
     keep[:, 8].sum().backward()  # the largest margin below the cut
-    # its sigmoid around the cut (between 9 and 8) has a gradient; a token 7 places below does not
+    # its sigmoid around the cut (between 9 and 8) has a gradient, and the cut's other token the opposite one;
+    # a token 7 places below has none
     assert logits.grad[:, 8, 0].gt(0).all() and logits.grad[:, 8, 1].lt(0).all()
+    assert logits.grad[:, 9, 0].lt(0).all()
     assert logits.grad[:, 1].abs().max() < 1e-12
+    # only the margins' differences count: the gradient of any loss sums to 0 over an image's margins
+    logits.grad = None
+    weights = torch.randn(4, 12, generator=torch.Generator().manual_seed(1))
+    (gumbel_top_k_keep(logits, k=3, tau=30.0) * weights).sum().backward()
+    margin_grad = logits.grad[..., 0]  # d(logit0 - logit1) / d logit0 = 1 and / d logit1 = -1
+    assert margin_grad.abs().sum() > 0
+    torch.testing.assert_close(margin_grad.sum(1), torch.zeros(4), atol=1e-6, rtol=0)
     # a Gumbel decision keeps all 12 (every margin is far above 0), and none has a gradient: the saturation
     # the top-k decision avoids
     saturated = logits.detach().requires_grad_()

@@ -102,13 +102,17 @@ def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
 def gumbel_top_k_keep(logits: torch.Tensor, k: int, tau: float) -> torch.Tensor:
     """logits [n, N, 2] (index 0 = keep) -> keep [n, N]: exactly the k tokens per row with the largest
     Gumbel-perturbed keep margins, forward; gradient of sigmoid((margin - cut) / tau), the cut midway between
-    the k-th and the (k+1)-th perturbed margin."""
+    the k-th and the (k+1)-th perturbed margin.
+
+    The cut moves with the margins (it is not detached): the choice depends only on their differences, and so
+    does the gradient, which sums to 0 over each row. With a fixed cut every token that helps, kept or not,
+    is pushed up and nothing holds the common level: in the demo's stage 3 the margins drifted to 1.7e7."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     perturbed = log_probs - torch.empty_like(log_probs).exponential_().log()
     margin = perturbed[..., 0] - perturbed[..., 1]  # the Gumbel decision keeps where this is > 0
     if k >= margin.shape[-1]:
         return torch.ones_like(margin)
-    top = margin.detach().topk(k + 1, dim=-1)
+    top = margin.topk(k + 1, dim=-1)
     cut = (top.values[..., k - 1:k] + top.values[..., k:]) / 2
     soft = torch.sigmoid((margin - cut) / tau)
     hard = torch.zeros_like(margin).scatter_(-1, top.indices[..., :k], 1.0)
