@@ -32,7 +32,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_stage3_runs_the_steps_asked_for(chain: Path) -> None:
     state = json.loads((chain / "stage3" / "trainer_state.json").read_text())
     assert state["global_step"] == 4  # the quick recipe's epoch is 6 steps
-    assert json.loads((chain / "summary.json").read_text())["recipe"]["stage3_steps"] == 4
+    recipe = json.loads((chain / "summary.json").read_text())["recipe"]
+    assert recipe["stage3_steps"] == 4 and recipe["image_decision"] == "top_k"
 
 
 @pytest.mark.parametrize("steps", ["0", "-3", "many"])
@@ -50,6 +51,19 @@ def test_precision_flag_sets_the_recipe(flag: str, bf16: bool | None) -> None:
     assert recipe.bf16 is bf16 and recipe.stage3_steps == 7 and recipe.n_train == FULL.n_train
     if flag != "auto":  # forced: the CPU's bf16 support no longer decides
         assert recipe.use_bf16 is bf16
+
+
+@pytest.mark.parametrize(("flags", "decision"), [([], "top_k"), (["--image-decision", "gumbel"], "gumbel")])
+def test_image_decision_flag_sets_the_recipe(flags: list[str], decision: str) -> None:
+    recipe = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused", *flags]))
+    assert recipe.image_decision == decision
+
+
+def test_an_unknown_image_decision_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--image-decision", "argmax"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "chain").exists()
 
 
 def test_an_unknown_precision_is_refused(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ tagged 0, at a random slot. A tiny LLM is trained dense to read it, then frozen,
 predictor is trained through the model's real sparse training forward (hard Gumbel-Softmax decisions,
 masked softmax in the layers >= sparse_layer, keep-rate regulariser) at a budget of 2 of 16 tokens.
 At inference, the predictor's top-2 must keep the marked token; with the keep decisions' gradient to
-the attention cut (the regulariser still trains the predictor), it must not find it.
+the attention cut (the regulariser still trains the predictor), it must not find it. The same holds with
+`--image_decision top_k` (training keeps each sample's top 2 perturbed margins, as inference does).
 
 Why the layers below sparse_layer are frozen at their random init with their attention output zeroed:
 otherwise (1) the question token could read the marked token before sparse_layer, so the later layers

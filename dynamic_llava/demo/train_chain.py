@@ -83,7 +83,10 @@ class Recipe:
     # which swamps the keep-rate regulariser: on the 1600-step stage 2, stage 3 with the exact derivative
     # learnt to keep every image token on 4 of 5 tries (RESULTS). "bounded" held the rate (`--keep_gradient`).
     keep_gradient: str = "bounded"
-    image_decision: str = "gumbel"  # stage 3's image-token decision, the reference's (`--image-decision`)
+    # Stage 3 keeps in training the image tokens inference keeps (the top k of each image). With the reference's
+    # per-token Gumbel decision, 1 of 2 trainings kept targets and look-alikes alike and inference's top k then
+    # dropped 12 % of the targets (docs/RESULTS.md); `--image-decision gumbel` trains the reference's way.
+    image_decision: str = "top_k"
     # Descriptions are 140-340 tokens, the one-turn question lists 100-140, short answers 1-3: the threshold
     # selects the descriptions and the lists for output-token decisions.
     output_text_len: int = 64
@@ -392,8 +395,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..model.sparsity_training import IMAGE_DECISIONS
 
     parser.add_argument("--image-decision", choices=IMAGE_DECISIONS, default=FULL.image_decision,
-                        help="how stage 3 picks image tokens (`train --image_decision`): gumbel, the reference's "
-                        "per-token decision, or top_k, the tokens inference keeps (docs/RESULTS.md)")
+                        help="how stage 3 picks image tokens in training (`train --image_decision`): top_k, the "
+                        "tokens inference keeps (default), or gumbel, the reference's per-token decision "
+                        "(docs/RESULTS.md)")
 
 
 def _positive_int(text: str) -> int:
