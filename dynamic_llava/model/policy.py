@@ -191,7 +191,7 @@ class DynamicLlavaPolicy:
         return keep
 
     def image_scores(self, hidden: torch.Tensor, batch: TokenBatch, samples: torch.Tensor, slots: torch.Tensor,
-                      probe: AttentionProbe | None) -> torch.Tensor:
+                     probe: AttentionProbe | None) -> torch.Tensor:
         """[n_images, N] ranking scores (higher = keep)."""
         if self.vision_rule == "predictor":
             if self.image_predictor is None:
