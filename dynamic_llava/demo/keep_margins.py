@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     model, data = Path(args.model), Path(args.data)
     if not (model / "config.json").is_file():
         raise UserError(f"{model} is not a checkpoint folder (no config.json)")
+    if "sparse_config" not in json.loads((model / "config.json").read_text(encoding="utf-8")):
+        # a dense LLaVA would load with freshly drawn predictors: their margins mean nothing
+        raise UserError(f"{model} is not a Dynamic-LLaVA checkpoint (no sparse_config: a dense LLaVA?)")
     if not (data / args.split / "scenes.jsonl").is_file():
         raise UserError(f"{data} is not a `data synth` folder (no {args.split}/scenes.jsonl)")
     for flag, value in (("--scenes", args.scenes), ("--batch-size", args.batch_size)):
