@@ -230,7 +230,7 @@ def test_every_lazy_subcommand_names_a_module_with_add_arguments_and_run() -> No
                 pending.extend(action.choices.values())
         if isinstance(parser, _LazyParser) and parser._module is not None:
             modules.append(parser._module)
-    assert len(modules) == 9  # ask, 4 bench, 1 data, 3 demo
+    assert len(modules) == 10  # ask, 4 bench, 1 data, 4 demo
     for module in modules:
         command = importlib.import_module(module, "dynamic_llava")
         assert callable(command.add_arguments) and callable(command.run), module
