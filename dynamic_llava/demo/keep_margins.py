@@ -95,8 +95,8 @@ def margin_table(margins: list[list[float]], kinds: list[list[str]], keep_rate: 
 
 def format_table(table: dict[str, Any]) -> str:
     above = table["above_zero_per_image"]
-    lines = [f"keep margins of {table['images']} images; top k at keep rate {table['keep_rate']:g}; patches above 0 "
-             f"per image: mean {above['mean']:.1f}, min {above['min']}, max {above['max']}", "",
+    lines = [(f"keep margins of {table['images']} images; top k at keep rate {table['keep_rate']:g}; patches above 0 "
+              f"per image: mean {above['mean']:.1f}, min {above['min']}, max {above['max']}"), "",
              "| patch kind | patches | mean margin | min | max | above 0 % | in top k % |", "|---|---|---|---|---|---|---|"]
     for kind, row in table["kinds"].items():
         lines.append(f"| {kind} | {row['patches']} | {row['mean']:+.2f} | {row['min']:+.2f} | {row['max']:+.2f} "
