@@ -1,4 +1,5 @@
-"""Token ids and strings shared by prompts, labels and checkpoints (LLaVA conventions); the bundled assets."""
+"""Token ids and strings shared by prompts, labels and checkpoints (LLaVA conventions); the bundled assets; names
+that command lines offer before torch is loaded."""
 
 from pathlib import Path
 
@@ -14,3 +15,6 @@ IMAGE_PLACEHOLDER = "<image-placeholder>"
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "demo_model"
 BUNDLED_SAMPLES = ASSETS / "samples"
+
+# Training's image-token decisions (`--image_decision`; model/sparsity_training.py says what each does)
+IMAGE_DECISIONS = ("gumbel", "top_k")

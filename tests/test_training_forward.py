@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.model.policy import SparsityOptions, make_policy
-from dynamic_llava.model.sparsity_training import (SparsityTraining, decide, gumbel_keep, gumbel_tau, gumbel_top_k_keep,
-                                                   last_answer_mask)
+from dynamic_llava.model.sparsity_training import (SparsityTraining, TrainingDecisions, decide, gumbel_keep, gumbel_tau,
+                                                   gumbel_top_k_keep, last_answer_mask)
 
 
 @pytest.fixture()
@@ -18,6 +18,21 @@ def model(tiny_llava_dir):
     _, model, _, _ = load_pretrained_model(tiny_llava_dir)
     _train_with(model, output_text_len_for_training=4)
     return model.train()
+
+
+@pytest.fixture()
+def decided(monkeypatch) -> list[TrainingDecisions]:
+    """The decisions of every training forward the test runs, recorded as `decide` returns them."""
+    from dynamic_llava.model import llava
+
+    recorded: list[TrainingDecisions] = []
+
+    def recording_decide(*args, **kwargs):
+        recorded.append(decide(*args, **kwargs))
+        return recorded[-1]
+
+    monkeypatch.setattr(llava, "decide", recording_decide)
+    return recorded
 
 
 def _train_with(model, **fields) -> None:
@@ -183,18 +198,9 @@ def test_gumbel_top_k_keeps_exactly_k_per_image_with_a_gradient_at_the_cut() -> 
     assert gumbel_top_k_keep(logits.detach(), k=12, tau=1.0).eq(1).all()
 
 
-def test_top_k_image_decision_keeps_what_inference_keeps(model, monkeypatch) -> None:
+def test_top_k_image_decision_keeps_what_inference_keeps(model, decided) -> None:
     """With --image_decision top_k each image keeps floor(vision_keep_rate x N) tokens in training, as the
     inference's top-k does (115 of 576 at 0.2), and the predictor still gets a gradient."""
-    from dynamic_llava.model import llava
-
-    decided = []
-
-    def recording_decide(*args, **kwargs):
-        decided.append(decide(*args, **kwargs))
-        return decided[-1]
-
-    monkeypatch.setattr(llava, "decide", recording_decide)
     ids, labels, mask, images = _batch()
     model.sparsity_training = SparsityTraining(tau=1.0, image_decision="top_k")
     torch.manual_seed(0)
@@ -209,19 +215,10 @@ def test_top_k_image_decision_keeps_what_inference_keeps(model, monkeypatch) -> 
 
 @pytest.mark.parametrize(("image_decision", "trains"), [("gumbel", True), ("top_k", False)])
 def test_the_image_regulariser_trains_the_predictor_only_under_the_gumbel_decision(
-        model, monkeypatch, image_decision: str, trains: bool) -> None:
+        model, decided, image_decision: str, trains: bool) -> None:
     """Under top_k the kept share is fixed, so the regulariser's image term is a constant: through the
     straight-through estimator it would push every token at the cut alike and drown the LM's signal (in the
     demo's stage 3 the LM loss stayed at its start)."""
-    from dynamic_llava.model import llava
-
-    decided = []
-
-    def recording_decide(*args, **kwargs):
-        decided.append(decide(*args, **kwargs))
-        return decided[-1]
-
-    monkeypatch.setattr(llava, "decide", recording_decide)
     _train_with(model, output_text_len_for_training=100)  # no answer is long enough: the image term alone
     model.sparsity_training = SparsityTraining(tau=1.0, image_decision=image_decision)
     ids, labels, mask, images = _batch()
@@ -246,19 +243,10 @@ def test_last_answer_mask_picks_the_last_supervised_run() -> None:
     assert mask[2].tolist() == [0] * 8 + [1]
 
 
-def test_keep_rate_regulariser_is_the_reference_formula(model, monkeypatch) -> None:
+def test_keep_rate_regulariser_is_the_reference_formula(model, decided) -> None:
     """Batch of 2: sample 0 has an image and a 6-token answer, sample 1 no image and a 3-token answer
     (below output_text_len_for_training 4). Each term is summed over the samples that have it and divided
     by B = 2, as the reference does: the short answer and the missing image count as 0, not as absent."""
-    from dynamic_llava.model import llava
-
-    decided = []
-
-    def recording_decide(*args, **kwargs):
-        decided.append(decide(*args, **kwargs))
-        return decided[-1]
-
-    monkeypatch.setattr(llava, "decide", recording_decide)
     ids, labels, mask, images = _batch()
     model.sparsity_training = SparsityTraining(tau=1.0)
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..constants import IMAGE_DECISIONS
 from ..cpu_features import native_bf16
 from ..errors import UserError
 
@@ -392,8 +393,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training precision of every stage (evaluation is always fp32). auto: bf16 autocast "
                         "where the CPU runs bf16 natively (AMX / AVX512-BF16), else fp32. fp32 learns more "
                         "(docs/RESULTS.md) and is slower where bf16 is native")
-    from ..model.sparsity_training import IMAGE_DECISIONS
-
     parser.add_argument("--image-decision", choices=IMAGE_DECISIONS, default=FULL.image_decision,
                         help="how stage 3 picks image tokens in training (`train --image_decision`): top_k, the "
                         "tokens inference keeps (default), or gumbel, the reference's per-token decision "

@@ -34,7 +34,7 @@ class SparsityTraining:
     temperature (the trainer lowers it every optimiser step, see `gumbel_tau`)."""
 
     tau: float = 1.0
-    image_decision: str = "gumbel"  # one of IMAGE_DECISIONS
+    image_decision: str = "gumbel"  # one of constants.IMAGE_DECISIONS (below)
 
 
 # How image tokens are chosen in training (`--image_decision`). "gumbel" (the reference's): each token is kept
@@ -42,8 +42,8 @@ class SparsityTraining:
 # Once the margins are far from 0 the decisions, and their soft gradient, freeze, and nothing orders two kept
 # tokens, though inference keeps the top k by margin. "top_k": each image keeps exactly the k tokens inference
 # would (`kept_image_tokens`), those with the largest perturbed margins; the soft gradient is taken around the
-# cut between the k-th and the next, so the tokens whose rank decides the choice always get one.
-IMAGE_DECISIONS = ("gumbel", "top_k")
+# cut between the k-th and the next, so the tokens whose rank decides the choice always get one. The names:
+# constants.IMAGE_DECISIONS.
 
 
 # Implementations of the masked-softmax attention the later layers train with (`--masked_attention`):
@@ -147,7 +147,7 @@ def decide(hidden: torch.Tensor, batch: TokenBatch, labels: torch.Tensor, sparse
            image_predictor: ImageScorePredictor, output_text_predictor: TokenScorePredictor,
            tau: float, image_decision: str = "gumbel") -> TrainingDecisions:
     """Sample the keep decisions for the hidden states [B, T, C] entering sparse_layer (image tokens by
-    `image_decision`, one of IMAGE_DECISIONS)."""
+    `image_decision`, one of constants.IMAGE_DECISIONS)."""
     keep = batch.valid.to(torch.float32)
     decided = torch.zeros_like(batch.valid)
     n_samples = batch.lengths.shape[0]

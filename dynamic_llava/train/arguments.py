@@ -10,8 +10,9 @@ from dataclasses import dataclass, field, fields
 import torch
 import transformers
 
+from ..constants import IMAGE_DECISIONS
 from ..errors import UserError
-from ..model.sparsity_training import IMAGE_DECISIONS, KEEP_GRADIENTS, MASKED_ATTENTION, masked_attention_function
+from ..model.sparsity_training import KEEP_GRADIENTS, MASKED_ATTENTION, masked_attention_function
 
 # Later transformers 5 releases renamed --gradient_checkpointing(_kwargs) to --activation_checkpointing(_kwargs)
 # and warn on the old names, which LLaVA's scripts use; 5.0 knows only the old ones.
