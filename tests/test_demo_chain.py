@@ -182,8 +182,7 @@ def test_margins_rank_the_patches_as_inference_keeps_them(chain: Path, tmp_path:
     assert sum(kept.values()) == 5 * 12
 
 
-def test_margins_refuse_a_dense_model(chain: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_margins_refuse_a_dense_model(chain: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "margins.json"
     assert cli_main(["demo", "margins", "--model", str(chain / "stage2"), "--data", str(chain / "data"),
                      "--out", str(out)]) == 2

@@ -34,7 +34,7 @@ class SparsityTraining:
     temperature (the trainer lowers it every optimiser step, see `gumbel_tau`)."""
 
     tau: float = 1.0
-    image_decision: str = "gumbel"  # one of constants.IMAGE_DECISIONS (below)
+    image_decision: str = "gumbel"  # one of constants.IMAGE_DECISIONS (what each does: the comment below)
 
 
 # How image tokens are chosen in training (`--image_decision`). "gumbel" (the reference's): each token is kept
