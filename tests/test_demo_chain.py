@@ -190,6 +190,29 @@ def test_margins_refuse_a_dense_model(chain: Path, tmp_path: Path, capsys: pytes
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("command", "model_flag", "outputs"),
+                         [("export", "--from", ["--out", "--samples-out"]), ("margins", "--model", ["--out"])])
+def test_a_broken_checkpoint_config_is_one_clear_error(command: str, model_flag: str, outputs: list[str],
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": ')
+    args = ["demo", command, model_flag, str(bad), "--data", str(tmp_path / "data")]
+    for flag in outputs:
+        args += [flag, str(tmp_path / flag.strip("-"))]
+    assert cli_main(args) == 2
+    assert f"malformed {bad / 'config.json'}: " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_compare_refuses_a_dense_model_as_another_stage3(chain: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["demo", "compare", "--chain", str(chain), "--out", str(tmp_path / "out"),
+                     "--work", str(tmp_path / "work"), "--other-stage3", str(chain / "stage2")]) == 2
+    assert "not a Dynamic-LLaVA checkpoint" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path) -> None:
     from dynamic_llava.demo.compare import NO_LOOK_ALIKES, ORACLE_AT_BUDGET, object_patches, scene_of
 

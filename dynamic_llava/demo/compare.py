@@ -545,6 +545,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..eval.io import read_json
+    from ..model.checkpoint_files import require_dynamic_llava_checkpoint
     from ..model.loading import load_pretrained_model
     from . import compare_report
 
@@ -560,12 +562,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be >= 1, got {value}")
     others = [Path(p) for p in args.other_stage3]
     for path in others:
-        if not (path / "config.json").is_file():
-            raise UserError(f"--other-stage3 {path}: no config.json (a stage-3 output folder)")
+        require_dynamic_llava_checkpoint(path)  # --other-stage3: a stage-3 output folder
+    summary = read_json(chain / "summary.json") if (chain / "summary.json").is_file() else {}
     work = Path(args.work) if args.work else chain / "compare"
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    summary = json.loads((chain / "summary.json").read_text()) if (chain / "summary.json").is_file() else {}
 
     tokenizer, loaded, processor, _ = load_pretrained_model(model, device="cpu")
     sparse_layer = loaded.config.sparse.sparse_layer
@@ -612,7 +613,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _majority(data: Path, truth: list[dict]) -> dict[str, Any]:
     """The majority-answer baseline (most frequent training answer per type) on the compared questions."""
-    stats = json.loads((data / "stats.json").read_text())
+    from ..eval.io import read_json
+
+    stats = read_json(data / "stats.json")
     always = {c: r["answer"] for c, r in stats["majority_baseline_test"].items() if c != "overall"}
     per_type = {}
     for category in always:

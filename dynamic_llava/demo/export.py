@@ -28,8 +28,6 @@ def export_model(source: Path, out: Path, dtype: str = "bfloat16") -> Path:
 
     from ..model.loading import load_pretrained_model, save_pretrained_llava
 
-    if "sparse_config" not in json.loads((source / "config.json").read_text(encoding="utf-8")):
-        raise UserError(f"{source} is not a Dynamic-LLaVA checkpoint (no sparse_config: a dense LLaVA?)")
     tokenizer, model, processor, _ = load_pretrained_model(source, dtype="float32")
     model.config.mm_vision_tower = _TOWER  # relative: resolved inside the checkpoint folder
     model.to(getattr(torch, dtype))
@@ -86,10 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..model.checkpoint_files import require_dynamic_llava_checkpoint
+
     source = Path(args.source)
     data = Path(args.data) if args.data else source.parent / "data"
-    if not (source / "config.json").is_file():
-        raise UserError(f"{source} is not a checkpoint folder (no config.json)")
+    require_dynamic_llava_checkpoint(source)
     if not (data / "test" / "scenes.jsonl").is_file():
         raise UserError(f"{data} is not a `data synth` folder (no test/scenes.jsonl); pass --data")
     if args.samples < 1:

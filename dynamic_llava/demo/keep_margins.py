@@ -116,13 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.scenes import scene_from_dict
     from ..eval.io import read_jsonl
+    from ..model.checkpoint_files import require_dynamic_llava_checkpoint
 
     model, data = Path(args.model), Path(args.data)
-    if not (model / "config.json").is_file():
-        raise UserError(f"{model} is not a checkpoint folder (no config.json)")
-    if "sparse_config" not in json.loads((model / "config.json").read_text(encoding="utf-8")):
-        # a dense LLaVA would load with freshly drawn predictors: their margins mean nothing
-        raise UserError(f"{model} is not a Dynamic-LLaVA checkpoint (no sparse_config: a dense LLaVA?)")
+    require_dynamic_llava_checkpoint(model)
     if not (data / args.split / "scenes.jsonl").is_file():
         raise UserError(f"{data} is not a `data synth` folder (no {args.split}/scenes.jsonl)")
     for flag, value in (("--scenes", args.scenes), ("--batch-size", args.batch_size)):

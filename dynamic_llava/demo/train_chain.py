@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..constants import IMAGE_DECISIONS
 from ..cpu_features import native_bf16
 from ..errors import UserError
+from ..eval.io import read_json
 
 if TYPE_CHECKING:
     from .tower_pretrain import SceneSplits
@@ -285,7 +286,7 @@ class StageRunner:
     def __init__(self, out: Path, resume: bool) -> None:
         self.out, self.resume, self.reused = out, resume, []
         path = out / "timings.json"
-        self.timings: dict[str, dict[str, float]] = json.loads(path.read_text()) if resume and path.is_file() else {}
+        self.timings: dict[str, dict[str, float]] = read_json(path) if resume and path.is_file() else {}
         self.redo = not resume
 
     def run(self, name: str, marker: Path, folder: Path | None, step: Callable[[], Any],
@@ -328,7 +329,7 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) ->
     out.mkdir(parents=True, exist_ok=True)
     data, start, tower = out / "data", out / "start", out / "stage0"
     stages = StageRunner(out, resume)
-    read = lambda path: lambda: json.loads(path.read_text(encoding="utf-8"))
+    read = lambda path: lambda: read_json(path)
     stats = stages.run("data", data / "stats.json", data, lambda: write_dataset(
         SynthConfig(seed, recipe.image_size, recipe.n_train, n_val=recipe.n_test, n_test=recipe.n_test,
                     describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share), data),

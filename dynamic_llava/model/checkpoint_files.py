@@ -174,6 +174,13 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def require_dynamic_llava_checkpoint(folder: Path) -> None:
+    """Refuse a folder that is not a Dynamic-LLaVA checkpoint: no or malformed config.json, or no sparse_config
+    (a dense LLaVA loads with freshly drawn predictors, whose decisions mean nothing)."""
+    if "sparse_config" not in read_json(folder / "config.json"):
+        raise UserError(f"{folder} is not a Dynamic-LLaVA checkpoint (no sparse_config: a dense LLaVA?)")
+
+
 def read_checkpoint_config(path: Path) -> tuple[str, DynamicLlavaConfig, CLIPVisionConfig | None, dict[str, Any]]:
     """(layout, config, tower config for hf checkpoints, raw config.json) of a checkpoint folder."""
     raw = read_json(path / "config.json")
