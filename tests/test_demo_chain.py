@@ -25,30 +25,37 @@ from dynamic_llava.model.loading import load_pretrained_model
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "chain"
-    assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0", "--stage3-steps", "4"]) == 0
+    assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0", "--stage2-steps", "9",
+                    "--stage3-steps", "4"]) == 0
     return out
 
 
-def test_stage3_runs_the_steps_asked_for(chain: Path) -> None:
-    state = json.loads((chain / "stage3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4  # the quick recipe's epoch is 6 steps
+def test_stages_2_and_3_run_the_steps_asked_for(chain: Path) -> None:
+    # the quick recipe's epoch is 6 steps: stage 2 goes past it into the repeated data, stage 3 stops short
+    for stage, steps in (("stage2", 9), ("stage3", 4)):
+        state = json.loads((chain / stage / "trainer_state.json").read_text())
+        assert state["global_step"] == steps
+        assert state["log_history"][-1]["train_runtime"] > 0  # the trainer ended its run, not a stopped one
     recipe = json.loads((chain / "summary.json").read_text())["recipe"]
-    assert recipe["stage3_steps"] == 4 and recipe["image_decision"] == "top_k"
+    assert (recipe["stage2_steps"], recipe["stage3_steps"], recipe["image_decision"]) == (9, 4, "top_k")
 
 
+@pytest.mark.parametrize("stage", ["--stage2-steps", "--stage3-steps"])
 @pytest.mark.parametrize("steps", ["0", "-3", "many"])
-def test_a_stage3_length_below_one_step_is_refused(steps: str, tmp_path: Path) -> None:
+def test_a_stage_length_below_one_step_is_refused(stage: str, steps: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--stage3-steps", steps])
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", stage, steps])
     assert exit_info.value.code == 2
     assert not (tmp_path / "chain").exists()
 
 
 @pytest.mark.parametrize(("flag", "bf16"), [("auto", None), ("bf16", True), ("fp32", False)])
 def test_precision_flag_sets_the_recipe(flag: str, bf16: bool | None) -> None:
-    args = build_parser().parse_args(["demo", "train", "--out", "unused", "--precision", flag, "--stage3-steps", "7"])
+    args = build_parser().parse_args(["demo", "train", "--out", "unused", "--precision", flag,
+                                       "--stage2-steps", "2500", "--stage3-steps", "7"])
     recipe = recipe_from_args(args)
-    assert recipe.bf16 is bf16 and recipe.stage3_steps == 7 and recipe.n_train == FULL.n_train
+    assert recipe.bf16 is bf16 and recipe.n_train == FULL.n_train
+    assert (recipe.stage2_steps, recipe.stage3_steps) == (2500, 7)
     if flag != "auto":  # forced: the CPU's bf16 support no longer decides
         assert recipe.use_bf16 is bf16
 

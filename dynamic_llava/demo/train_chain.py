@@ -74,6 +74,7 @@ class Recipe:
     align_lr: float = 1e-3  # at 3e-3 the fit spikes at the one-cycle peak and settles at cosine 0.91, not 0.996
     align_batch_size: int = 256  # images, all their patches
     stage2_epochs: float = 3.0
+    stage2_steps: int | None = None  # set: stage 2 runs this many optimiser steps instead (`--stage2-steps`)
     stage2_lr: float = 1e-3
     stage3_epochs: float = 1.0
     stage3_steps: int | None = None  # set: stage 3 stops after this many optimiser steps instead (`--stage3-steps`)
@@ -202,7 +203,8 @@ def stage2(recipe: Recipe, data: Path, start: Path, tower: Path, projector: Path
     train(["--model_name_or_path", str(start), "--vision_tower", str(tower),
            "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector), "--freeze_mm_mlp_adapter", "True",
            "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
-           "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr), *extra_flags])
+           "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr),
+           *_max_steps(recipe.stage2_steps), *extra_flags])
 
 
 def sparse_start(recipe: Recipe, dense: Path, out: Path) -> Path:
@@ -237,8 +239,13 @@ def stage3(recipe: Recipe, data: Path, dense: Path, tower: Path, out: Path, seed
            "--vision_keep_rate", "0.2", "--keep_gradient", recipe.keep_gradient,
            "--image_decision", recipe.image_decision,
            "--output_text_keep_rate", "0.5", "--output_text_len_for_training", str(recipe.output_text_len),
-           *(["--max_steps", str(recipe.stage3_steps)] if recipe.stage3_steps is not None else [])],
+           *_max_steps(recipe.stage3_steps)],
           sparse=True)
+
+
+def _max_steps(steps: int | None) -> list[str]:
+    """The trainer flag that replaces a stage's epochs by a step count (the data repeats past one epoch)."""
+    return [] if steps is None else ["--max_steps", str(steps)]
 
 
 def evaluate(recipe: Recipe, model: Path, data: Path, out: Path, dense: bool) -> dict[str, Any]:
@@ -387,6 +394,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue a stopped chain in --out: finished "
                         "stages are kept, the first unfinished one and all later ones run again")
+    parser.add_argument("--stage2-steps", type=_positive_int, default=None, metavar="N",
+                        help="optimiser steps of stage 2 (default: one pass over the training scenes, 2000 for the "
+                        "full chain, where its loss is still falling: docs/RESULTS.md)")
     parser.add_argument("--stage3-steps", type=_positive_int, default=None, metavar="N",
                         help="optimiser steps of stage 3 (default: the recipe's, 600 for the full chain; 900 "
                         "brings Dynamic-LLaVA to dense but takes the chain past 60 minutes: docs/RESULTS.md)")
@@ -410,8 +420,9 @@ def _positive_int(text: str) -> int:
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe `demo train` runs: the full or quick one with the command line's overrides."""
     recipe = QUICK if args.quick else FULL
-    if args.stage3_steps is not None:
-        recipe = dataclasses.replace(recipe, stage3_steps=args.stage3_steps)
+    for stage in ("stage2_steps", "stage3_steps"):
+        if getattr(args, stage) is not None:
+            recipe = dataclasses.replace(recipe, **{stage: getattr(args, stage)})
     return dataclasses.replace(recipe, bf16=PRECISIONS[args.precision], image_decision=args.image_decision)
 
 
