@@ -282,7 +282,7 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     for view in ("overall", "attribute"):
         checks = results["sanity_checks"][view]
         assert [c["check"] for c in checks][0] == "dense >= majority + 30"
-        assert len(checks) == 5 and all(isinstance(c["passed"], bool) for c in checks)
+        assert len(checks) == 6 and all(isinstance(c["passed"], bool) for c in checks)
         assert len(results["claims"][view]) == 3 and len(results["negative_controls"][view]) == 2
         assert all(c["low"] <= c["difference"] <= c["high"]
                    for c in results["claims"][view] + results["negative_controls"][view])

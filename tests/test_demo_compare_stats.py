@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamic_llava.demo.compare import (NO_LOOK_ALIKES, RANDOM_SEEDS, claims, negative_controls, of_type, only,
-                                          order_claim, paired_bootstrap, sanity_checks)
+from dynamic_llava.demo.compare import (NO_LOOK_ALIKES, ORACLE_AT_BUDGET, RANDOM_SEEDS, claims, negative_controls,
+                                          of_type, only, order_claim, paired_bootstrap, sanity_checks)
 from dynamic_llava.demo.reference_policies import CentrePrior, GivenPatches, centre_scores, targets_plus_background
 from dynamic_llava.model.batch import IMAGE, TEXT, TokenBatch
 
@@ -28,9 +28,10 @@ def test_bootstrap_interval_brackets_the_difference_and_resamples_scenes() -> No
 
 
 def _short(dense: float, one_token: float, random: float, oracle: float, ours: float = 0.0, fastv: float = 0.0,
-           no_look_alikes: float | None = None) -> dict[str, dict[str, float]]:
+           no_look_alikes: float | None = None, oracle_at_budget: float | None = None) -> dict[str, dict[str, float]]:
     rows = {"dense (stage 2)": dense, "random 1 token": one_token, "oracle (target patches)": oracle,
             NO_LOOK_ALIKES: oracle if no_look_alikes is None else no_look_alikes,
+            ORACLE_AT_BUDGET: oracle if oracle_at_budget is None else oracle_at_budget,
             "dynamic-llava I 0.2": ours, "fastv 0.2": fastv}
     rows |= {f"random 0.2 seed {s}": random for s in RANDOM_SEEDS}
     return {name: {"overall": value} for name, value in rows.items()}
@@ -40,12 +41,22 @@ def test_sanity_checks_fail_when_the_benchmark_leaks() -> None:
     good = sanity_checks(_short(0.8, 0.4, 0.6, 0.79), majority=0.3)
     assert all(c["passed"] for c in good)
     leaky = sanity_checks(_short(0.8, 0.7, 0.78, 0.8), majority=0.3)
-    assert [c["passed"] for c in leaky] == [True, False, False, True, True]
+    assert [c["passed"] for c in leaky] == [True, False, False, True, True, True]
     assert not sanity_checks(_short(0.8, 0.4, 0.6, 0.75), majority=0.3)[3]["passed"]  # oracle 5 points down
     # the target-only oracle 5 points down, every patch but the look-alikes within 2: a shift, not a leak
     shifted = sanity_checks(_short(0.8, 0.4, 0.6, 0.75, no_look_alikes=0.79), majority=0.3)
-    assert [c["passed"] for c in shifted] == [True, True, True, False, True]
+    assert [c["passed"] for c in shifted] == [True, True, True, False, True, True]
     assert shifted[4]["check"] == "oracle (every patch but the look-alikes) >= dense - 2"
+
+
+def test_the_headroom_check_fails_where_fastv_is_as_good_as_the_oracle() -> None:
+    # FastV 2 points below the oracle at 20 %: no selection can be the claimed 3 points above FastV
+    no_room = sanity_checks(_short(0.8, 0.4, 0.6, 0.79, fastv=0.74, oracle_at_budget=0.76), majority=0.3)
+    assert [c["passed"] for c in no_room] == [True, True, True, True, True, False]
+    assert no_room[5]["check"] == "oracle 0.2 (targets + background) >= fastv 0.2 + 3"
+    assert no_room[5]["points"] == pytest.approx(2.0)
+    room = sanity_checks(_short(0.8, 0.4, 0.6, 0.79, fastv=0.70, oracle_at_budget=0.76), majority=0.3)
+    assert room[5]["passed"] and room[5]["points"] == pytest.approx(6.0)
 
 
 def test_claims_need_the_interval_to_exclude_zero_against_fastv() -> None:
