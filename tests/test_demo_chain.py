@@ -208,7 +208,7 @@ def test_a_broken_checkpoint_config_is_one_clear_error(command: str, model_flag:
     for flag in outputs:
         args += [flag, str(tmp_path / flag.strip("-"))]
     assert cli_main(args) == 2
-    assert f"{bad / 'config.json'}: malformed json" in capsys.readouterr().err
+    assert f"malformed {bad / 'config.json'}: " in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 

@@ -28,7 +28,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerBase
 
 from ..errors import UserError
-from ..eval import io as eval_io
 from .config import DynamicLlavaConfig
 from .layouts import HF, StateDict, check_keys, checkpoint_layout, config_from_hf, expected_shapes, llava_config_json
 
@@ -164,13 +163,14 @@ def _open_weight_file(file: Path) -> tuple[Callable[[str], torch.Tensor], Iterab
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A checkpoint's JSON file (config.json, adapter_config.json): a missing one means the folder is not a
-    checkpoint; a malformed one, or one that is not an object, is one `UserError`."""
     if not path.is_file():
         raise UserError(f"{path.parent} is not a checkpoint folder: {path.name} is missing")
-    data = eval_io.read_json(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"malformed {path}: {err}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: malformed json (expected an object)")
+        raise UserError(f"malformed {path}: expected a JSON object")
     return data
 
 
