@@ -419,11 +419,9 @@ def _positive_int(text: str) -> int:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe `demo train` runs: the full or quick one with the command line's overrides."""
-    recipe = QUICK if args.quick else FULL
-    for stage in ("stage2_steps", "stage3_steps"):
-        if getattr(args, stage) is not None:
-            recipe = dataclasses.replace(recipe, **{stage: getattr(args, stage)})
-    return dataclasses.replace(recipe, bf16=PRECISIONS[args.precision], image_decision=args.image_decision)
+    lengths = {name: steps for name in ("stage2_steps", "stage3_steps") if (steps := getattr(args, name)) is not None}
+    return dataclasses.replace(QUICK if args.quick else FULL, **lengths, bf16=PRECISIONS[args.precision],
+                               image_decision=args.image_decision)
 
 
 def run(args: argparse.Namespace) -> int:
