@@ -1,5 +1,6 @@
-"""What the CPU can do fast: bf16 matmuls are native on Intel AMX / AVX512-BF16 (about 5x fp32 there) and
-emulated, far slower than fp32, elsewhere (e.g. AMD EPYC with AVX2 only); and how much memory is free."""
+"""Which CPU this is and what it does fast: bf16 matmuls are native on Intel AMX / AVX512-BF16 (about 5x fp32
+there) and emulated, far slower than fp32, elsewhere (e.g. AMD EPYC with AVX2 only); and how much memory is
+free."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ def lists_native_bf16(cpuinfo: str) -> bool:
     """Whether the first `flags` line of a /proc/cpuinfo text names a native bf16 instruction set."""
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return bool(_NATIVE_BF16_FLAGS & set(flags))
+
+
+def cpu_model_name(cpuinfo: str | None = None) -> str | None:
+    """The first `model name` of a /proc/cpuinfo text (this machine's where none is given); None where there
+    is none (e.g. on ARM, or where the file cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                None)
 
 
 @cache

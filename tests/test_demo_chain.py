@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from dynamic_llava.cli import build_parser
 from dynamic_llava.cli import main as cli_main
+from dynamic_llava.cpu_features import cpu_model_name, native_bf16
 from dynamic_llava.data.questions import SHORT_ANSWER_TYPES
 from dynamic_llava.demo.train_chain import FULL, recipe_from_args
 from dynamic_llava.eval.io import read_jsonl
@@ -121,6 +122,9 @@ def test_summary_has_per_type_accuracies_and_stage_times(chain: Path) -> None:
     assert summary["tower_pretraining_val"]["colour_accuracy_object_patches"] >= 0.0
     assert -1.0 <= summary["projector_alignment_val"]["cosine"] <= 1.0
     assert {"data", "start", "stage0", "stage1", "stage2", "stage3", "eval_dense", "eval_sparse"} <= set(summary["timings"])
+    machine = summary["machine"]  # the CPU the stages trained on: results differ between machines
+    assert machine["cpu"] == cpu_model_name() and machine["native_bf16"] is native_bf16()
+    assert machine["torch"] == torch.__version__ and machine["threads"] >= 1
 
 
 def test_the_sparse_model_keeps_a_fifth_of_the_image_tokens(chain: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..constants import IMAGE_DECISIONS
-from ..cpu_features import native_bf16
+from ..cpu_features import cpu_model_name, native_bf16
 from ..errors import UserError
 from ..eval.io import read_json
 
@@ -324,6 +324,15 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _machine() -> dict[str, Any]:
+    """Where this run's stages trained: the same recipe and seed learn differently on another CPU
+    (docs/RESULTS.md), so a summary names it (stages reused by `--resume` may have run elsewhere)."""
+    import torch
+
+    return {"cpu": cpu_model_name(), "native_bf16": native_bf16(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
 def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) -> dict[str, Any]:
     """Every stage into `out` (new or empty; with `resume`, a chain folder whose finished stages are kept);
     returns the summary also written to out/summary.json."""
@@ -374,7 +383,7 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) ->
                "projector_alignment_val": align_result.get("val"),
                "dense": dense, "dynamic_llava": sparse,
                "timings": timings, "total_seconds": round(sum(t["seconds"] for t in timings.values()), 1),
-               "resumed_stages": stages.reused,
+               "resumed_stages": stages.reused, "machine": _machine(),
                "models": {"dense": str(out / "stage2"), "dynamic_llava": str(out / "stage3")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print("\n" + format_table(summary))
@@ -402,8 +411,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "brings Dynamic-LLaVA to dense but takes the chain past 60 minutes: docs/RESULTS.md)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="auto",
                         help="training precision of every stage (evaluation is always fp32). auto: bf16 autocast "
-                        "where the CPU runs bf16 natively (AMX / AVX512-BF16), else fp32. fp32 learns more "
-                        "(docs/RESULTS.md) and is slower where bf16 is native")
+                        "where the CPU runs bf16 natively (AMX / AVX512-BF16), else fp32. On an Intel Xeon with AMX "
+                        "the full chain took 40 min in bf16, 50 in fp32; which learns more varies from machine to "
+                        "machine (docs/RESULTS.md)")
     parser.add_argument("--image-decision", choices=IMAGE_DECISIONS, default=FULL.image_decision,
                         help="how stage 3 picks image tokens in training (`train --image_decision`): top_k, the "
                         "tokens inference keeps (default), or gumbel, the reference's per-token decision "
