@@ -18,25 +18,25 @@ def lists_native_bf16(cpuinfo: str) -> bool:
     return bool(_NATIVE_BF16_FLAGS & set(flags))
 
 
+def _this_cpuinfo() -> str:
+    """This machine's /proc/cpuinfo ("" where it cannot be read)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def cpu_model_name(cpuinfo: str | None = None) -> str | None:
     """The first `model name` of a /proc/cpuinfo text (this machine's where none is given); None where there
     is none (e.g. on ARM, or where the file cannot be read)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return None
-    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                None)
+    text = _this_cpuinfo() if cpuinfo is None else cpuinfo
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
 
 
 @cache
 def native_bf16() -> bool:
     """This machine's answer (False where /proc/cpuinfo cannot be read)."""
-    try:
-        return lists_native_bf16(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return False
+    return lists_native_bf16(_this_cpuinfo())
 
 
 def available_memory(meminfo: str | None = None) -> int | None:
