@@ -12,10 +12,14 @@ _NATIVE_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # model.loading.resolve_dtype's names
 
 
+def _first_field(cpuinfo: str, name: str) -> str | None:
+    """The value of the first `name : value` line of a /proc/cpuinfo text (the first CPU's), None without one."""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith(name)), None)
+
+
 def lists_native_bf16(cpuinfo: str) -> bool:
     """Whether the first `flags` line of a /proc/cpuinfo text names a native bf16 instruction set."""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return bool(_NATIVE_BF16_FLAGS & set(flags))
+    return bool(_NATIVE_BF16_FLAGS & set((_first_field(cpuinfo, "flags") or "").split()))
 
 
 def _this_cpuinfo() -> str:
@@ -29,8 +33,7 @@ def _this_cpuinfo() -> str:
 def cpu_model_name(cpuinfo: str | None = None) -> str | None:
     """The first `model name` of a /proc/cpuinfo text (this machine's where none is given); None where there
     is none (e.g. on ARM, or where the file cannot be read)."""
-    text = _this_cpuinfo() if cpuinfo is None else cpuinfo
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    return _first_field(_this_cpuinfo() if cpuinfo is None else cpuinfo, "model name")
 
 
 @cache
