@@ -18,3 +18,6 @@ BUNDLED_SAMPLES = ASSETS / "samples"
 
 # Training's image-token decisions (`--image_decision`; model/sparsity_training.py says what each does)
 IMAGE_DECISIONS = ("gumbel", "top_k")
+
+# A training sample's key naming the image tokens a dense training shows the LLM (`train --image_token_subsets`)
+IMAGE_TOKEN_SUBSET_KEY = "image_token_subset"

@@ -27,7 +27,7 @@ from dynamic_llava.model.loading import load_pretrained_model
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "chain"
     assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0", "--stage2-steps", "9",
-                    "--stage3-steps", "4"]) == 0
+                    "--stage3-steps", "4", "--stage2-token-subsets", "0.5"]) == 0
     return out
 
 
@@ -39,6 +39,17 @@ def test_stages_2_and_3_run_the_steps_asked_for(chain: Path) -> None:
         assert state["log_history"][-1]["train_runtime"] > 0  # the trainer ended its run, not a stopped one
     recipe = json.loads((chain / "summary.json").read_text())["recipe"]
     assert (recipe["stage2_steps"], recipe["stage3_steps"], recipe["image_decision"]) == (9, 4, "top_k")
+    assert recipe["stage2_token_subsets"] == 0.5
+    records = json.loads((chain / "data" / "train" / "instruct.json").read_text())
+    assert 0 < sum("image_token_subset" in r for r in records) < len(records)
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1.5", "half"])
+def test_a_token_subset_share_outside_0_1_is_refused(share: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--stage2-token-subsets", share])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "chain").exists()
 
 
 @pytest.mark.parametrize("stage", ["--stage2-steps", "--stage3-steps"])

@@ -273,6 +273,27 @@ def test_answer_all_conversations_pair_each_question_with_its_answer(data: Path,
     assert json.loads((mixed / "stats.json").read_text())["splits"]["train"]["answer_all"] == converted
 
 
+def test_token_subsets_keep_every_target_and_skip_descriptions(data: Path, tmp_path: Path) -> None:
+    subsets = _generate(tmp_path / "subsets", dataclasses.replace(CONFIG, n_train=60, token_subset_share=0.5))
+    scenes = _scenes(subsets, "train")
+    plain = json.loads((_generate(tmp_path / "plain", dataclasses.replace(CONFIG, n_train=60))
+                        / "train" / "instruct.json").read_text())
+    sizes = []
+    for before, after in zip(plain, json.loads((subsets / "train" / "instruct.json").read_text())):
+        subset = after.pop("image_token_subset", None)
+        assert after == before  # the share decides on its own stream: the conversations are unchanged
+        if subset is None:
+            continue
+        scene = scenes[after["image"]]
+        assert description(scene) not in [t["value"] for t in after["conversations"]]  # it names the greys too
+        targets = {o.row * GRID + o.col for o in scene.targets}
+        assert subset == sorted(set(subset)) and targets <= set(subset) and max(subset) < GRID * GRID
+        sizes.append(len(subset) - len(targets))
+    assert json.loads((subsets / "stats.json").read_text())["splits"]["train"]["image_token_subsets"] == len(sizes)
+    assert 10 <= len(sizes) <= 35  # about half of the ~45 conversations without a description
+    assert min(sizes) < KEPT_PATCHES < max(sizes)  # budgets around 20 % and far above are drawn
+
+
 def test_pope_files_and_adversarial_negatives(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pope = data / "test" / "pope"
     questions = _jsonl(pope / "questions.jsonl")

@@ -177,6 +177,36 @@ def test_sorted_accumulated_micro_batches_take_the_big_batch_step(work: Path, tm
         torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6)
 
 
+def test_dense_training_on_image_token_subsets(work: Path, tmp_path: Path, monkeypatch) -> None:
+    """`--image_token_subsets` hands each sample's subset to the model's training forward (which drops the other
+    image tokens: test_training_forward); sparsification training refuses it before any work."""
+    from dynamic_llava.model.llava import DynamicLlavaForCausalLM
+
+    records = json.loads((work / "data.json").read_text())
+    for i, record in enumerate(records[:16]):
+        record["image_token_subset"] = list(range(i, 64, 8))
+    (tmp_path / "subsets.json").write_text(json.dumps(records))
+    seen: list = []
+    forward = DynamicLlavaForCausalLM.forward
+
+    def recording(self, *args, image_token_subsets=None, **kwargs):
+        seen.extend(image_token_subsets or [])
+        return forward(self, *args, image_token_subsets=image_token_subsets, **kwargs)
+
+    monkeypatch.setattr(DynamicLlavaForCausalLM, "forward", recording)
+    args = ["--model_name_or_path", str(work / "llava"), "--version", "v1", *_common(work, tmp_path / "dense"),
+            "--data_path", str(tmp_path / "subsets.json"), "--learning_rate", "1e-3", "--num_train_epochs", "1"]
+    train([*args, "--image_token_subsets", "True"])
+    assert sorted(s[0][0] for s in seen if s is not None) == list(range(16))  # every image sample, once
+    assert seen.count(None) == 2  # the text-only samples
+    seen.clear()
+    train([*args, "--image_token_subsets", "False"])
+    assert not seen
+    assert main(_sparse_args(work, tmp_path / "sparse", "--data_path", str(tmp_path / "subsets.json"),
+                             "--image_token_subsets", "True"), sparse=True) == 2
+    assert not (tmp_path / "sparse").exists()
+
+
 def _noise_free_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """gumbel_keep without the noise: the same decisions for a sample in any batch."""
     soft = torch.softmax(torch.log_softmax(logits.float(), dim=-1) / tau, dim=-1)

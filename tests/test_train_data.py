@@ -307,6 +307,36 @@ def test_text_and_image_samples_collate_together(tokenizer, image_processor, tmp
     assert DataCollatorForSupervisedDataset(tokenizer)([items[0], items[0]])["images"] is None
 
 
+def test_image_token_subsets_reach_the_batch_per_sample_and_image(tokenizer, image_processor, tmp_path):
+    one = image_record("one", save_image(tmp_path / "a.png"), "One image.")
+    one["image_token_subset"] = [3, 1, 4]  # one image: the list itself
+    two = image_record("two", [save_image(tmp_path / "b.png"), save_image(tmp_path / "c.png")], "Two.")
+    two["conversations"][0]["value"] = "<image>\n<image>\nDescribe both."
+    two["image_token_subset"] = [None, [0, 2]]
+    plain = image_record("plain", "a.png", "No subset.")
+    records = [one, two, plain, text_record("t", "Text.")]
+    data = write_json(tmp_path / "data.json", records)
+    dataset = make_dataset(tokenizer, image_processor, data, tmp_path, image_token_subsets=True)
+    batch = DataCollatorForSupervisedDataset(tokenizer)([dataset[i] for i in range(4)])
+    assert batch["image_token_subsets"] == [[[3, 1, 4]], [None, [0, 2]], None, None]
+    # a cut that drops the second image drops its subset with it
+    second_image = int((dataset[1]["input_ids"] == IMAGE_TOKEN_INDEX).nonzero()[1])
+    cut = DataCollatorForSupervisedDataset(tokenizer, model_max_length=second_image)([dataset[1]])
+    assert cut["images"][0].shape[0] == 1 and cut["image_token_subsets"] == [[None]]
+    # without the flag the key is an unknown field, as for LLaVA's own loader
+    ignoring = make_dataset(tokenizer, image_processor, data, tmp_path)
+    assert "image_token_subsets" not in DataCollatorForSupervisedDataset(tokenizer)([ignoring[0], ignoring[1]])
+
+
+@pytest.mark.parametrize("subset", [[1, -2], [[0], [1]], "all", [1.5], [True]])
+def test_malformed_image_token_subsets_fail_when_the_dataset_is_built(tokenizer, image_processor, tmp_path, subset):
+    record = image_record("odd", save_image(tmp_path / "a.png"), "One image.")
+    record["image_token_subset"] = subset
+    data = write_json(tmp_path / "data.json", [record])
+    with pytest.raises(UserError, match="sample odd: 'image_token_subset' must hold, per image"):
+        make_dataset(tokenizer, image_processor, data, tmp_path, image_token_subsets=True)
+
+
 def test_truncation_that_cuts_the_answer_leaves_no_labels(tokenizer, image_processor, tmp_path):
     long_question = "Please describe " + "the red cat and the blue dog " * 20 + "?"
     record = image_record("long", save_image(tmp_path / "x.png"), "A cat.")

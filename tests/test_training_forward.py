@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from dynamic_llava.errors import UserError
 from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.model.policy import SparsityOptions, make_policy
 from dynamic_llava.model.sparsity_training import (SparsityTraining, TrainingDecisions, decide, gumbel_keep, gumbel_tau,
@@ -69,6 +73,62 @@ def test_dense_loss_is_the_shifted_cross_entropy_of_forward_full(model) -> None:
                          ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, ce, rtol=1e-4, atol=1e-4)
     assert out.vision_keep is None  # dense: nothing decided
+
+
+def _transformers_llama(model) -> LlamaForCausalLM:
+    """transformers' own LLaMA holding our model's LLM weights (the independent reference)."""
+    cfg = model.config
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)).eval()
+    state = {k: v for k, v in model.state_dict().items()
+             if k.startswith(("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head."))}
+    missing, unexpected = llama.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    return llama
+
+
+def test_image_token_subsets_train_on_the_kept_tokens_at_their_positions(model) -> None:
+    """The dense loss with an image token subset equals transformers' LLaMA run on the text and only the kept
+    image features, each at its original position."""
+    ids, labels, mask, images = _batch()
+    subset = [0, 5, 17, 300, 575]
+    out = model(ids, labels, mask, images, image_token_subsets=[[subset], None])
+    llama = _transformers_llama(model)
+    with torch.no_grad():
+        features = model.encode_images(images[0])[0]  # [576, C]
+        embed = model.model.embed_tokens
+        before, after = ids[0, :2], ids[0, 3:]  # around the placeholder
+        embeds0 = torch.cat([embed(before), features[subset], embed(after)])
+        positions0 = torch.cat([torch.arange(2), 2 + torch.tensor(subset), 2 + 576 + torch.arange(len(after))])
+        logits0 = llama(inputs_embeds=embeds0[None], position_ids=positions0[None]).logits[0]
+        logits1 = llama(ids[1][mask[1]][None]).logits[0]
+    target0 = torch.full((len(embeds0),), IGNORE_INDEX)
+    target0[2 + len(subset) + 2:] = ids[0, 5:]  # labels on the text after the image, from the answer on
+    target1 = labels[1][mask[1]]
+    ce = F.cross_entropy(torch.cat([logits0[:-1], logits1[:-1]]), torch.cat([target0[1:], target1[1:]]),
+                         ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, ce, rtol=1e-4, atol=1e-4)
+    whole = model(ids, labels, mask, images, image_token_subsets=[None, None])
+    torch.testing.assert_close(whole.loss, model(ids, labels, mask, images).loss)  # None: every token
+    assert abs(float(whole.loss.detach()) - float(out.loss.detach())) > 1e-3  # the subset changed what the LLM saw
+
+
+@pytest.mark.parametrize("subsets, message", [
+    ([[[0, 576]], None], "outside 0..575"), ([[[0], [1]], None], "1 image(s) but 2"), ([None], "for 1 samples")])
+def test_bad_image_token_subsets_are_refused(model, subsets, message) -> None:
+    ids, labels, mask, images = _batch()
+    with pytest.raises(UserError, match=re.escape(message)):
+        model(ids, labels, mask, images, image_token_subsets=subsets)
+
+
+def test_image_token_subsets_are_refused_under_sparsification_training(model) -> None:
+    ids, labels, mask, images = _batch()
+    model.sparsity_training = SparsityTraining(tau=1.0)
+    with pytest.raises(UserError, match="chooses the image tokens itself"):
+        model(ids, labels, mask, images, image_token_subsets=[[[0, 1]], None])
 
 
 def test_sparse_forward_trains_predictors_not_the_tower(model) -> None:

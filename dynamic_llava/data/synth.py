@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -30,6 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..constants import IMAGE_TOKEN_SUBSET_KEY
 from ..errors import UserError
 from .descriptions import DESCRIBE_PROMPTS, caption, description
 from .questions import (
@@ -40,7 +42,7 @@ from .questions import (
     scene_questions,
 )
 from .render import render_scene
-from .scenes import HELD_OUT_PAIRS, SPLITS, Scene, sample_scene
+from .scenes import GRID, HELD_OUT_PAIRS, SPLITS, Scene, sample_scene
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's
 ANSWER_ALL_PROMPT = "Ask questions about the image and answer them."
@@ -57,6 +59,10 @@ class SynthConfig:
     # Share of training conversations in one turn ("Q1? A1. Q2? A2. ..."): each answer right after its
     # question, a layout a small LLM trained from scratch learns look-up from far sooner (RESULTS.md)
     answer_all_share: float = 0.0
+    # Share of the training conversations without a description that carry an `image_token_subset`: every
+    # target patch (all any of their answers is about) plus a random number of the other patches, for a dense
+    # training on token subsets (`train --image_token_subsets`). Descriptions also name the grey shapes.
+    token_subset_share: float = 0.0
 
     def scenes(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
@@ -101,6 +107,15 @@ def _conversation(scene: Scene, qas: list[QA], rng: random.Random, describe_shar
     return out, described
 
 
+def token_subset(scene: Scene, rng: random.Random) -> list[int]:
+    """Row-major patch indices: the scene's target patches plus other patches drawn at random, the total
+    log-uniform between the number of targets and every patch (so budgets near 20 % are well covered)."""
+    targets = {o.row * GRID + o.col for o in scene.targets}
+    others = [i for i in range(GRID * GRID) if i not in targets]
+    size = round(math.exp(rng.uniform(math.log(len(targets)), math.log(GRID * GRID))))
+    return sorted(targets | set(rng.sample(others, size - len(targets))))
+
+
 def _scene_record(scene: Scene) -> dict[str, Any]:
     return {"image": _image(scene), **dataclasses.asdict(scene)}
 
@@ -115,6 +130,7 @@ class _Split:
         self.conversations: list[dict[str, Any]] = []
         self.described = 0  # training conversations with a description turn
         self.answer_all = 0  # training conversations with every question in one turn
+        self.subsets = 0  # training conversations with an image token subset
         for index in tqdm(range(config.scenes(split)), desc=f"{split} scenes", unit="scene"):
             scene = sample_scene(config.seed, split, index)
             self.scenes.append(scene)
@@ -129,7 +145,12 @@ class _Split:
                 turns, described = _conversation(scene, qas, rng, config.describe_share, answer_all)
                 self.described += described
                 self.answer_all += answer_all
-                self.conversations.append({"id": scene.scene_id, "image": _image(scene), "conversations": turns})
+                record = {"id": scene.scene_id, "image": _image(scene), "conversations": turns}
+                subset_rng = random.Random(f"synth-subset/{config.seed}/{scene.scene_id}")
+                if not described and subset_rng.random() < config.token_subset_share:
+                    record[IMAGE_TOKEN_SUBSET_KEY] = token_subset(scene, subset_rng)
+                    self.subsets += 1
+                self.conversations.append(record)
 
     def write(self, root: Path) -> dict[str, Any]:
         """Write the split's files under `root`; return its counts for stats.json."""
@@ -144,6 +165,7 @@ class _Split:
             _dump_json(root / "train" / "instruct.json", self.conversations)
             counts["describe"] = self.described
             counts["answer_all"] = self.answer_all
+            counts["image_token_subsets"] = self.subsets
             return counts
         _dump_jsonl(root / self.split / "questions.jsonl", [
             {"question_id": qid, "image": _image(s), "text": _short_prompt(qa.question), "category": qa.category,
@@ -227,6 +249,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of training conversations that also ask for the long description")
     parser.add_argument("--answer-all-share", type=float, default=defaults.answer_all_share,
                         help="share of training conversations that ask and answer every question in one turn")
+    parser.add_argument("--token-subset-share", type=float, default=defaults.token_subset_share,
+                        help="share of training conversations without a description whose image the LLM sees only "
+                             "in part (its targets plus random other patches: 'image_token_subset', read by "
+                             "train --image_token_subsets)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,11 +261,12 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--n-train", args.n_train), ("--n-val", args.n_val), ("--n-test", args.n_test)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--describe-share", args.describe_share), ("--answer-all-share", args.answer_all_share)):
+    for flag, value in (("--describe-share", args.describe_share), ("--answer-all-share", args.answer_all_share),
+                        ("--token-subset-share", args.token_subset_share)):
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{flag} must be in [0, 1], got {value}")
     config = SynthConfig(args.seed, args.image_size, args.n_train, args.n_val, args.n_test,
-                         args.describe_share, args.answer_all_share)
+                         args.describe_share, args.answer_all_share, args.token_subset_share)
     stats = write_dataset(config, Path(args.out))
     print(f"synthetic benchmark written to {args.out}")
     for category, row in stats["majority_baseline_test"].items():

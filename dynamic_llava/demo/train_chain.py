@@ -76,6 +76,10 @@ class Recipe:
     stage2_epochs: float = 3.0
     stage2_steps: int | None = None  # set: stage 2 runs this many optimiser steps instead (`--stage2-steps`)
     stage2_lr: float = 1e-3
+    # Share of the training conversations without a description on which stage 2 sees only some image tokens:
+    # the targets plus a random number of other patches (`data synth --token-subset-share`, `train
+    # --image_token_subsets`), so that its answers, counts included, do not hang on how many tokens it sees.
+    stage2_token_subsets: float = 0.0
     stage3_epochs: float = 1.0
     stage3_steps: int | None = None  # set: stage 3 stops after this many optimiser steps instead (`--stage3-steps`)
     # The reference's ratio: predictors at 40x the LLM's rate (2e-4 vs 5e-6), so the LLM barely moves while
@@ -204,6 +208,7 @@ def stage2(recipe: Recipe, data: Path, start: Path, tower: Path, projector: Path
            "--version", "v1", "--pretrain_mm_mlp_adapter", str(projector), "--freeze_mm_mlp_adapter", "True",
            "--data_path", str(data / "train" / "instruct.json"), *_common_flags(recipe, data, out, seed),
            "--num_train_epochs", str(recipe.stage2_epochs), "--learning_rate", str(recipe.stage2_lr),
+           "--image_token_subsets", str(recipe.stage2_token_subsets > 0),
            *_max_steps(recipe.stage2_steps), *extra_flags])
 
 
@@ -348,7 +353,8 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) ->
     read = lambda path: lambda: read_json(path)
     stats = stages.run("data", data / "stats.json", data, lambda: write_dataset(
         SynthConfig(seed, recipe.image_size, recipe.n_train, n_val=recipe.n_test, n_test=recipe.n_test,
-                    describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share), data),
+                    describe_share=recipe.describe_share, answer_all_share=recipe.answer_all_share,
+                    token_subset_share=recipe.stage2_token_subsets), data),
         read(data / "stats.json"))
     stages.run("start", start / "vision_tower" / "config.json", start, lambda: make_start_model(recipe, start, seed))
     # stages 0 and 1 read the same images: loaded once (the start tower's processor is the one stage 0 saves)
@@ -409,6 +415,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage3-steps", type=_positive_int, default=None, metavar="N",
                         help="optimiser steps of stage 3 (default: the recipe's, 600 for the full chain; 900 "
                         "brings Dynamic-LLaVA to dense but takes the chain past 60 minutes: docs/RESULTS.md)")
+    parser.add_argument("--stage2-token-subsets", type=_share, default=None, metavar="SHARE",
+                        help="share of the training conversations without a description on which stage 2 sees only "
+                        "the targets and a random number of other patches (default: the recipe's, "
+                        f"{FULL.stage2_token_subsets:g}; docs/RESULTS.md)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="auto",
                         help="training precision of every stage (evaluation is always fp32). auto: bf16 autocast "
                         "where the CPU runs bf16 natively (AMX / AVX512-BF16), else fp32. On an Intel Xeon with AMX "
@@ -427,10 +437,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe `demo train` runs: the full or quick one with the command line's overrides."""
-    lengths = {name: steps for name in ("stage2_steps", "stage3_steps") if (steps := getattr(args, name)) is not None}
-    return dataclasses.replace(QUICK if args.quick else FULL, **lengths, bf16=PRECISIONS[args.precision],
+    overrides = {name: value for name in ("stage2_steps", "stage3_steps", "stage2_token_subsets")
+                 if (value := getattr(args, name)) is not None}
+    return dataclasses.replace(QUICK if args.quick else FULL, **overrides, bf16=PRECISIONS[args.precision],
                                image_decision=args.image_decision)
 
 

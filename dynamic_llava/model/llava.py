@@ -29,7 +29,7 @@ from .batch import IMAGE, OUTPUT, PAD_POSITION, TEXT, TokenBatch
 from .cache import SparseKVCache
 from .config import DynamicLlavaConfig, SparseConfig
 from .decoder import DecoderLayer, RMSNorm, RotaryEmbedding
-from .policy import AttentionProbe, SparsityOptions, TokenPolicy, make_policy
+from .policy import AttentionProbe, SparsityOptions, TokenPolicy, image_token_index, make_policy
 from .predictors import ImageScorePredictor, TokenScorePredictor, init_predictor_weights
 from .projector import build_projector
 from .sparsity_training import SparsityTraining, decide
@@ -359,7 +359,9 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
                 attention_mask: torch.Tensor | None = None,
                 images: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | None = None,
-                num_samples_in_step: torch.Tensor | int | None = None) -> TrainingOutput:
+                num_samples_in_step: torch.Tensor | int | None = None,
+                image_token_subsets: Sequence[Sequence[Sequence[int] | None] | None] | None = None
+                ) -> TrainingOutput:
         """Training forward (what `Trainer` calls): right-padded `input_ids` [B, T] with IMAGE_TOKEN_INDEX
         placeholders, `labels` aligned with them, per-sample `images` -> loss.
 
@@ -372,10 +374,19 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         over the former and the regulariser its samples' summed terms over the latter, so the step's
         losses add up to one big batch's (each sample's regulariser weighs 1/B of the step, whatever its
         batch's token count). Without them both are this batch's means.
+
+        `image_token_subsets` (dense training only): per sample, None or per image the indices of the image
+        tokens the LLM sees (None: all); the others are removed before the first layer, the rest keep their
+        RoPE positions, as when a policy drops them at sparse_layer 0 in inference.
         """
         ids, label_rows = _unpad(input_ids, labels, attention_mask)
         batch = self.embed(ids, _per_sample_images(images, ids))
         expanded = _expand_labels(batch, ids, label_rows)
+        if image_token_subsets is not None:
+            if self.sparsity_training is not None:
+                raise UserError("image token subsets train the dense model; Dynamic-LLaVA's sparsification "
+                                "training chooses the image tokens itself")
+            batch, expanded = _keep_image_tokens(batch, expanded, _per_image_subsets(image_token_subsets, ids))
         max_length = getattr(self.config, "tokenizer_model_max_length", None)
         if max_length and batch.embeds.shape[1] > max_length:
             batch, expanded = batch.truncate(max_length), expanded[:, :max_length]
@@ -455,6 +466,43 @@ def _per_sample_images(images: Sequence[torch.Tensor | None] | torch.Tensor | No
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         return [images[i:i + 1] if bool((x == IMAGE_TOKEN_INDEX).any()) else None for i, x in enumerate(ids)]
     return [None if img is None else (img[None] if img.dim() == 3 else img) for img in images]
+
+
+def _per_image_subsets(subsets: Sequence[Sequence[Sequence[int] | None] | None],
+                       ids: list[torch.Tensor]) -> list[Sequence[int] | None]:
+    """Per-sample subsets -> one entry per image of the batch, in batch order (None: every token)."""
+    if len(subsets) != len(ids):
+        raise UserError(f"got image token subsets for {len(subsets)} samples, the batch has {len(ids)}")
+    flat: list[Sequence[int] | None] = []
+    for i, (sample, x) in enumerate(zip(subsets, ids)):
+        n_images = int((x == IMAGE_TOKEN_INDEX).sum())
+        sample = [None] * n_images if sample is None else list(sample)
+        if len(sample) != n_images:
+            raise UserError(f"sample {i} has {n_images} image(s) but {len(sample)} image token subset(s)")
+        flat += sample
+    return flat
+
+
+def _keep_image_tokens(batch: TokenBatch, labels: torch.Tensor, subsets: list[Sequence[int] | None]
+                       ) -> tuple[TokenBatch, torch.Tensor]:
+    """The batch and its labels [B, T] without the image tokens outside each image's subset (kept tokens in
+    their order, with their positions)."""
+    keep = batch.valid.clone()
+    if any(subset is not None for subset in subsets):
+        samples, slots = image_token_index(batch)
+        n_tokens = slots.shape[1]
+        for image, subset in enumerate(subsets):
+            if subset is None:
+                continue
+            index = torch.as_tensor(subset, dtype=torch.long, device=keep.device)
+            if index.numel() and not (0 <= int(index.min()) and int(index.max()) < n_tokens):
+                raise UserError(f"an image token subset holds an index outside 0..{n_tokens - 1}")
+            row = torch.zeros(n_tokens, dtype=torch.bool, device=keep.device)
+            keep[samples[image], slots[image]] = row.index_fill(0, index, True)
+    lengths = keep.sum(1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : int(lengths.max())]
+    embeds = batch.embeds.gather(1, order[..., None].expand(-1, -1, batch.embeds.shape[-1]))
+    return batch.gather(order, lengths, embeds), labels.gather(1, order)
 
 
 def _expand_labels(batch: TokenBatch, ids: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:

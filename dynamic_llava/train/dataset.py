@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dynamic_llava.constants import IGNORE_INDEX
+from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_SUBSET_KEY
 from dynamic_llava.errors import UserError
 from dynamic_llava.mm_utils import load_image, process_images
 from dynamic_llava.train.preprocess import (
@@ -43,6 +43,11 @@ class DataArguments:
                                                                   "(Dynamic-LLaVA)"})
     on_bad_image: str = field(default="stop", metadata={"help": "an unreadable image file: stop (error) or skip "
                                                                 "(warn and use the next sample)"})
+    image_token_subsets: bool = field(default=False, metadata={
+        "help": "dense training on given image tokens: a sample's 'image_token_subset' (for one image a list of "
+                "token indices, row-major over its patches; for several, one list or null per image) names the "
+                "image tokens the LLM sees, the others are removed before its first layer; samples without one "
+                "see every token"})
 
 
 def check_data_args(data_args: DataArguments) -> None:
@@ -91,6 +96,21 @@ def _parse(text: str, where: str) -> Any:
         raise UserError(f"{where}: invalid JSON ({err})") from None
 
 
+def _image_token_subsets(record: dict[str, Any], num_images: int, sample_id: str) -> list[list[int] | None] | None:
+    """The record's `image_token_subset` as one entry per image (None: every token), or None without one."""
+    subset = record.get(IMAGE_TOKEN_SUBSET_KEY)
+    if subset is None:
+        return None
+    is_indices = lambda x: isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in x)
+    per_image = [subset] if num_images == 1 and is_indices(subset) else subset
+    if not (isinstance(per_image, list) and len(per_image) == num_images
+            and all(x is None or is_indices(x) for x in per_image)):
+        raise UserError(f"sample {sample_id}: {IMAGE_TOKEN_SUBSET_KEY!r} must hold, per image ({num_images}), "
+                        "a list of token indices >= 0 or null (one image: the list itself)")
+    return per_image
+
+
 def _image_names(record: dict[str, Any]) -> list[str]:
     """The sample's image file names: its 'image' entry is absent, one name, or a list of names."""
     image = record.get("image")
@@ -106,8 +126,10 @@ class LazySupervisedDataset(Dataset):
     """LLaVA training samples, tokenised and image-processed when accessed.
 
     Each item is `dict(input_ids=LongTensor[T], labels=LongTensor[T], images=FloatTensor[n, 3, H, W] or
-    None)`, cut to `model_max_length` tokens (an image placeholder counts as one token). Conversations
-    are validated when the dataset is built, so malformed data fails before training starts.
+    None)`, cut to `model_max_length` tokens (an image placeholder counts as one token), with
+    `image_token_subsets` (per image of the record, token indices or None; None without a subset) under
+    `--image_token_subsets`. Conversations (and subsets) are validated when the dataset is built, so
+    malformed data fails before training starts.
     """
 
     def __init__(self, tokenizer: Any, data_args: DataArguments, image_processor: Any, prompt_format: PromptFormat,
@@ -123,6 +145,8 @@ class LazySupervisedDataset(Dataset):
         for i, (record, sample_id) in enumerate(zip(records, ids)):
             num_images = len(_image_names(record))
             parse_turns(record.get("conversations"), num_images, prompt_format.mm_use_im_start_end, sample_id)
+            if data_args.image_token_subsets:
+                _image_token_subsets(record, num_images, sample_id)
             if num_images:
                 self._check_image_support(sample_id)
             if num_images or not data_args.requires_image:
@@ -163,7 +187,7 @@ class LazySupervisedDataset(Dataset):
         """`lengths`, negated for text-only samples (never 0, so the sign always tells the modality)."""
         return [n if _image_names(r) else -max(n, 1) for n, r in zip(self._lengths, self.records)]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         # on_bad_image="skip": the next sample (wrapping around) whose images all load stands in.
         for step in range(len(self)):
             i = (index + step) % len(self)
@@ -187,12 +211,15 @@ class LazySupervisedDataset(Dataset):
             raise UserError(f"sample {self.sample_ids[index]}: {err}") from None
         return process_images(pil, self.image_processor, self.data_args.image_aspect_ratio)
 
-    def _sample(self, index: int, images: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    def _sample(self, index: int, images: torch.Tensor | None) -> dict[str, Any]:
         num_images = 0 if images is None else images.shape[0]
         input_ids, labels = preprocess(self.records[index]["conversations"], num_images, self.tokenizer,
                                        self.prompt_format, self.sample_ids[index])
         input_ids, labels, images = fit_to_length(input_ids, labels, images, self.model_max_length)
-        return {"input_ids": input_ids, "labels": labels, "images": images}
+        sample: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "images": images}
+        if self.data_args.image_token_subsets:
+            sample["image_token_subsets"] = _image_token_subsets(self.records[index], num_images, self.sample_ids[index])
+        return sample
 
 
 @dataclass
@@ -203,6 +230,8 @@ class DataCollatorForSupervisedDataset:
     labels=[B, T] padded with IGNORE_INDEX, attention_mask=[B, T] bool, images=list of B entries
     ([n_i, 3, H, W] or None) or None when no sample has an image)`. IMAGE_TOKEN_INDEX stays in
     `input_ids`: the model expands it. With `model_max_length`, longer samples are cut as the dataset does.
+    Samples read with `--image_token_subsets` add `image_token_subsets` (per sample: None, or per image kept
+    by the cut, its token indices or None) when one of them has a subset.
     """
 
     tokenizer: Any
@@ -214,7 +243,7 @@ class DataCollatorForSupervisedDataset:
         if self.pad_token_id is None:
             raise UserError("the tokenizer has neither a pad nor an unk token to pad batches with")
 
-    def __call__(self, instances: list[dict[str, torch.Tensor | None]]) -> dict[str, Any]:
+    def __call__(self, instances: list[dict[str, Any]]) -> dict[str, Any]:
         samples = [(x["input_ids"], x["labels"], x.get("images")) for x in instances]
         if self.model_max_length is not None:
             samples = [fit_to_length(*s, self.model_max_length) for s in samples]
@@ -227,8 +256,13 @@ class DataCollatorForSupervisedDataset:
             labels[row, :len(lab)] = lab
             attention_mask[row, :len(ids)] = True
         images = [img for _, _, img in samples]
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "images": images if any(img is not None for img in images) else None}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "images": images if any(img is not None for img in images) else None}
+        subsets = [x.get("image_token_subsets") for x in instances]
+        if any(subset is not None for subset in subsets):
+            batch["image_token_subsets"] = [None if subset is None else subset[:0 if img is None else img.shape[0]]
+                                            for subset, img in zip(subsets, images)]
+        return batch
 
 
 def make_supervised_data_module(tokenizer: Any, data_args: DataArguments, image_processor: Any, conv_version: str,

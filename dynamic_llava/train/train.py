@@ -61,6 +61,9 @@ def train(argv: Sequence[str] | None = None, sparse: bool = False) -> DynamicLla
     _check_reporting(training_args)
     if training_args.lora_enable and model_args.tune_mm_mlp_adapter:
         raise UserError("--lora_enable and --tune_mm_mlp_adapter exclude each other (stage 1 trains the projector)")
+    if sparse and data_args.image_token_subsets:
+        raise UserError("--image_token_subsets trains the dense model; Dynamic-LLaVA's sparsification training "
+                        "chooses the image tokens itself")
     if model_args.unfreeze_mm_vision_tower and (training_args.lora_enable or model_args.tune_mm_mlp_adapter):
         raise UserError("--unfreeze_mm_vision_tower needs a full-model run (its output carries the tower), "
                         "not --lora_enable or --tune_mm_mlp_adapter")
