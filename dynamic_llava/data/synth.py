@@ -107,7 +107,7 @@ def _conversation(scene: Scene, qas: list[QA], rng: random.Random, describe_shar
     return out, described
 
 
-def token_subset(scene: Scene, rng: random.Random) -> list[int]:
+def _token_subset(scene: Scene, rng: random.Random) -> list[int]:
     """Row-major patch indices: the scene's target patches plus other patches drawn at random, the total
     log-uniform between the number of targets and every patch (so budgets near 20 % are well covered)."""
     targets = {o.row * GRID + o.col for o in scene.targets}
@@ -148,7 +148,7 @@ class _Split:
                 record = {"id": scene.scene_id, "image": _image(scene), "conversations": turns}
                 subset_rng = random.Random(f"synth-subset/{config.seed}/{scene.scene_id}")
                 if not described and subset_rng.random() < config.token_subset_share:
-                    record[IMAGE_TOKEN_SUBSET_KEY] = token_subset(scene, subset_rng)
+                    record[IMAGE_TOKEN_SUBSET_KEY] = _token_subset(scene, subset_rng)
                     self.subsets += 1
                 self.conversations.append(record)
 
