@@ -25,6 +25,7 @@ from dynamic_llava.model.loading import load_pretrained_model, save_pretrained_l
 from dynamic_llava.model.policy import DensePolicy, make_policy
 from dynamic_llava.tiny.checkpoint import make_tiny_checkpoint
 from dynamic_llava.tiny.tokenizer import train_tiny_tokenizer
+from transformers_reference import transformers_llama
 
 PROMPT = "A chat between a curious user and an artificial intelligence assistant. USER: "
 QUESTION = "\nWhat color is the cat? ASSISTANT:"
@@ -259,17 +260,7 @@ def test_dense_parity_with_transformers_llava(tiny_llava_dir: Path, tmp_path: Pa
 
 def test_text_only_parity_with_transformers_llama(tiny_llava_dir: Path) -> None:
     tokenizer, model, _, _ = _load(tiny_llava_dir, sparse=False)
-    cfg = model.config
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
-    )).eval()
-    llm_state = {k: v for k, v in model.state_dict().items()
-                 if k.startswith(("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head."))}
-    missing, unexpected = llama.load_state_dict(llm_state, strict=False)
-    assert not missing and not unexpected
+    llama = transformers_llama(model)
     ids = tokenizer(PROMPT + "Describe a red square on the table. ASSISTANT: It is small.").input_ids
     with torch.no_grad():
         ours = model.forward_full([ids]).logits[0]

@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dynamic_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from dynamic_llava.errors import UserError
@@ -15,6 +14,7 @@ from dynamic_llava.model.loading import load_pretrained_model
 from dynamic_llava.model.policy import SparsityOptions, make_policy
 from dynamic_llava.model.sparsity_training import (SparsityTraining, TrainingDecisions, decide, gumbel_keep, gumbel_tau,
                                                    gumbel_top_k_keep, last_answer_mask)
+from transformers_reference import transformers_llama
 
 
 @pytest.fixture()
@@ -75,28 +75,13 @@ def test_dense_loss_is_the_shifted_cross_entropy_of_forward_full(model) -> None:
     assert out.vision_keep is None  # dense: nothing decided
 
 
-def _transformers_llama(model) -> LlamaForCausalLM:
-    """transformers' own LLaMA holding our model's LLM weights (the independent reference)."""
-    cfg = model.config
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)).eval()
-    state = {k: v for k, v in model.state_dict().items()
-             if k.startswith(("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head."))}
-    missing, unexpected = llama.load_state_dict(state, strict=False)
-    assert not missing and not unexpected
-    return llama
-
-
 def test_image_token_subsets_train_on_the_kept_tokens_at_their_positions(model) -> None:
     """The dense loss with an image token subset equals transformers' LLaMA run on the text and only the kept
     image features, each at its original position."""
     ids, labels, mask, images = _batch()
     subset = [0, 5, 17, 300, 575]
     out = model(ids, labels, mask, images, image_token_subsets=[[subset], None])
-    llama = _transformers_llama(model)
+    llama = transformers_llama(model)
     with torch.no_grad():
         features = model.encode_images(images[0])[0]  # [576, C]
         embed = model.model.embed_tokens

@@ -287,12 +287,8 @@ class DynamicLlavaForCausalLM(PreTrainedModel):
         h = h.to(home)  # the policy, its predictors and the batch live on the first device
         keep = policy.select(h, batch, probe) & batch.valid if sparse_layer < len(self.model.layers) else batch.valid
         processed = keep | (batch.is_last & batch.valid)
-        # Processed tokens first, in their original order; kept ones precede a dropped last token.
-        order = torch.sort((~processed).to(torch.int8), dim=1, stable=True).indices
-        n_processed = processed.sum(1)
-        order = order[:, : int(n_processed.max())]
-        h = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
-        sub = batch.gather(order, n_processed, h)  # its lengths are n_processed
+        sub, order = _gather_processed(batch, h, processed)  # kept ones precede a dropped last token
+        h, n_processed = sub.embeds, sub.lengths
         n_kept = keep.sum(1)
         cos, sin = self.model.rotary(sub.positions, h.dtype)
         generated = sub.kinds == OUTPUT if track else None
@@ -499,10 +495,16 @@ def _keep_image_tokens(batch: TokenBatch, labels: torch.Tensor, subsets: list[Se
                 raise UserError(f"an image token subset holds an index outside 0..{n_tokens - 1}")
             row = torch.zeros(n_tokens, dtype=torch.bool, device=keep.device)
             keep[samples[image], slots[image]] = row.index_fill(0, index, True)
-    lengths = keep.sum(1)
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : int(lengths.max())]
-    embeds = batch.embeds.gather(1, order[..., None].expand(-1, -1, batch.embeds.shape[-1]))
-    return batch.gather(order, lengths, embeds), labels.gather(1, order)
+    kept, order = _gather_processed(batch, batch.embeds, keep)
+    return kept, labels.gather(1, order)
+
+
+def _gather_processed(batch: TokenBatch, h: torch.Tensor, processed: torch.Tensor) -> tuple[TokenBatch, torch.Tensor]:
+    """The tokens where `processed` [B, T], first and in their original order, with their positions and their
+    hidden states `h` [B, T, C]; and the gather index [B, T'] (slot of each kept token in the input)."""
+    lengths = processed.sum(1)
+    order = torch.sort((~processed).to(torch.int8), dim=1, stable=True).indices[:, : int(lengths.max())]
+    return batch.gather(order, lengths, h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))), order
 
 
 def _expand_labels(batch: TokenBatch, ids: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
