@@ -27,7 +27,7 @@ from dynamic_llava.model.loading import load_pretrained_model
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "chain"
     assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0", "--stage2-steps", "9",
-                    "--stage3-steps", "4", "--stage2-token-subsets", "0.5"]) == 0
+                    "--stage3-steps", "4", "--stage2-token-subsets", "0.5", "--describe-share", "0.25"]) == 0
     return out
 
 
@@ -40,14 +40,17 @@ def test_stages_2_and_3_run_the_steps_asked_for(chain: Path) -> None:
     recipe = json.loads((chain / "summary.json").read_text())["recipe"]
     assert (recipe["stage2_steps"], recipe["stage3_steps"], recipe["image_decision"]) == (9, 4, "top_k")
     assert recipe["stage2_token_subsets"] == 0.5
+    config = json.loads((chain / "data" / "stats.json").read_text())["config"]
+    assert (config["describe_share"], config["token_subset_share"]) == (0.25, 0.5)  # the flags reach the data
     records = json.loads((chain / "data" / "train" / "instruct.json").read_text())
     assert 0 < sum("image_token_subset" in r for r in records) < len(records)
 
 
+@pytest.mark.parametrize("flag", ["--stage2-token-subsets", "--describe-share", "--answer-all-share"])
 @pytest.mark.parametrize("share", ["-0.1", "1.5", "half"])
-def test_a_token_subset_share_outside_0_1_is_refused(share: str, tmp_path: Path) -> None:
+def test_a_share_outside_0_1_is_refused(flag: str, share: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--stage2-token-subsets", share])
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", flag, share])
     assert exit_info.value.code == 2
     assert not (tmp_path / "chain").exists()
 
@@ -70,6 +73,14 @@ def test_precision_flag_sets_the_recipe(flag: str, bf16: bool | None) -> None:
     assert (recipe.stage2_steps, recipe.stage3_steps) == (2500, 7)
     if flag != "auto":  # forced: the CPU's bf16 support no longer decides
         assert recipe.use_bf16 is bf16
+
+
+def test_the_training_mix_flags_set_the_recipe() -> None:
+    default = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused"]))
+    assert (default.describe_share, default.answer_all_share) == (FULL.describe_share, FULL.answer_all_share)
+    recipe = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused", "--describe-share",
+                                                         "0.1", "--answer-all-share", "0"]))
+    assert (recipe.describe_share, recipe.answer_all_share) == (0.1, 0.0)
 
 
 @pytest.mark.parametrize(("flags", "decision"), [([], "top_k"), (["--image-decision", "gumbel"], "gumbel")])

@@ -419,6 +419,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the training conversations without a description on which stage 2 sees only "
                         "the targets and a random number of other patches (default: the recipe's, "
                         f"{FULL.stage2_token_subsets:g}; docs/RESULTS.md)")
+    parser.add_argument("--describe-share", type=_share, default=None, metavar="SHARE",
+                        help="share of the training conversations that also ask for the long description (default: "
+                        f"the recipe's, {FULL.describe_share:g}; `data synth --describe-share`)")
+    parser.add_argument("--answer-all-share", type=_share, default=None, metavar="SHARE",
+                        help="share of the training conversations that ask and answer every question in one turn "
+                        f"(default: the recipe's, {FULL.answer_all_share:g}; `data synth --answer-all-share`)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="auto",
                         help="training precision of every stage (evaluation is always fp32). auto: bf16 autocast "
                         "where the CPU runs bf16 natively (AMX / AVX512-BF16), else fp32. On an Intel Xeon with AMX "
@@ -446,7 +452,8 @@ def _share(text: str) -> float:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe `demo train` runs: the full or quick one with the command line's overrides."""
-    overrides = {name: value for name in ("stage2_steps", "stage3_steps", "stage2_token_subsets")
+    overrides = {name: value for name in ("stage2_steps", "stage3_steps", "stage2_token_subsets", "describe_share",
+                                          "answer_all_share")
                  if (value := getattr(args, name)) is not None}
     return dataclasses.replace(QUICK if args.quick else FULL, **overrides, bf16=PRECISIONS[args.precision],
                                image_decision=args.image_decision)
