@@ -27,7 +27,8 @@ from dynamic_llava.model.loading import load_pretrained_model
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "chain"
     assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0", "--stage2-steps", "9",
-                    "--stage3-steps", "4", "--stage2-token-subsets", "0.5", "--describe-share", "0.25"]) == 0
+                    "--stage3-steps", "4", "--stage2-token-subsets", "0.5", "--describe-share", "0.25",
+                    "--stage2-lr-schedule", "constant_with_warmup"]) == 0
     return out
 
 
@@ -42,6 +43,9 @@ def test_stages_2_and_3_run_the_steps_asked_for(chain: Path) -> None:
     assert recipe["stage2_token_subsets"] == 0.5
     config = json.loads((chain / "data" / "stats.json").read_text())["config"]
     assert (config["describe_share"], config["token_subset_share"]) == (0.25, 0.5)  # the flags reach the data
+    for stage, schedule in (("stage2", "constant_with_warmup"), ("stage3", "cosine")):  # stage 3 keeps its own
+        args = torch.load(chain / stage / "training_args.bin", weights_only=False)
+        assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == schedule
     records = json.loads((chain / "data" / "train" / "instruct.json").read_text())
     assert 0 < sum("image_token_subset" in r for r in records) < len(records)
 
@@ -81,6 +85,20 @@ def test_the_training_mix_flags_set_the_recipe() -> None:
     recipe = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused", "--describe-share",
                                                          "0.1", "--answer-all-share", "0"]))
     assert (recipe.describe_share, recipe.answer_all_share) == (0.1, 0.0)
+
+
+@pytest.mark.parametrize(("flags", "schedule"), [([], "cosine"),
+                                                 (["--stage2-lr-schedule", "constant_with_warmup"], "constant_with_warmup")])
+def test_stage2_lr_schedule_flag_sets_the_recipe(flags: list[str], schedule: str) -> None:
+    recipe = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused", *flags]))
+    assert recipe.stage2_lr_schedule == schedule
+
+
+def test_an_unknown_stage2_lr_schedule_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--stage2-lr-schedule", "linear"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "chain").exists()
 
 
 @pytest.mark.parametrize(("flags", "decision"), [([], "top_k"), (["--image-decision", "gumbel"], "gumbel")])
