@@ -403,6 +403,7 @@ def run_chain(out: Path, recipe: Recipe, seed: int = 0, resume: bool = False) ->
     return summary
 
 
+# `--stage2-lr-schedule` choices, the trainer's `--lr_scheduler_type` names (both after the 5 % warm-up)
 STAGE2_LR_SCHEDULES = ("cosine", "constant_with_warmup")
 
 # `--precision` -> Recipe.bf16
