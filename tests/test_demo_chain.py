@@ -87,36 +87,21 @@ def test_the_training_mix_flags_set_the_recipe() -> None:
     assert (recipe.describe_share, recipe.answer_all_share) == (0.1, 0.0)
 
 
-@pytest.mark.parametrize(("flags", "schedule"), [([], "cosine"),
-                                                 (["--stage2-lr-schedule", "constant_with_warmup"], "constant_with_warmup")])
-def test_stage2_lr_schedule_flag_sets_the_recipe(flags: list[str], schedule: str) -> None:
+@pytest.mark.parametrize(("flags", "field", "value"), [
+    ([], "stage2_lr_schedule", "cosine"),
+    (["--stage2-lr-schedule", "constant_with_warmup"], "stage2_lr_schedule", "constant_with_warmup"),
+    ([], "image_decision", "top_k"),
+    (["--image-decision", "gumbel"], "image_decision", "gumbel")])
+def test_choice_flags_set_the_recipe(flags: list[str], field: str, value: str) -> None:
     recipe = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused", *flags]))
-    assert recipe.stage2_lr_schedule == schedule
+    assert getattr(recipe, field) == value
 
 
-def test_an_unknown_stage2_lr_schedule_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flag", "choice"), [("--stage2-lr-schedule", "linear"), ("--image-decision", "argmax"),
+                                              ("--precision", "fp16")])
+def test_an_unknown_choice_is_refused(flag: str, choice: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--stage2-lr-schedule", "linear"])
-    assert exit_info.value.code == 2
-    assert not (tmp_path / "chain").exists()
-
-
-@pytest.mark.parametrize(("flags", "decision"), [([], "top_k"), (["--image-decision", "gumbel"], "gumbel")])
-def test_image_decision_flag_sets_the_recipe(flags: list[str], decision: str) -> None:
-    recipe = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused", *flags]))
-    assert recipe.image_decision == decision
-
-
-def test_an_unknown_image_decision_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--image-decision", "argmax"])
-    assert exit_info.value.code == 2
-    assert not (tmp_path / "chain").exists()
-
-
-def test_an_unknown_precision_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", "--precision", "fp16"])
+        cli_main(["demo", "train", "--out", str(tmp_path / "chain"), "--quick", flag, choice])
     assert exit_info.value.code == 2
     assert not (tmp_path / "chain").exists()
 
