@@ -172,7 +172,7 @@ def test_export_writes_a_self_contained_bf16_model_and_samples(chain: Path, tmp_
     config = json.loads((model_dir / "config.json").read_text())
     assert config["mm_vision_tower"] == "vision_tower" and (model_dir / "vision_tower" / "model.safetensors").is_file()
     with safe_open(model_dir / "model.safetensors", "pt") as stored:
-        assert {stored.get_tensor(k).dtype for k in stored.keys()} == {torch.bfloat16}
+        assert {stored.get_tensor(k).dtype for k in stored.keys()} == {torch.bfloat16}  # noqa: SIM118 (not iterable)
     _, model, _, _ = load_pretrained_model(model_dir)  # fp32 on the CPU, from the bf16 weights
     assert model.sparse.vision_keep_rate == 0.2
     questions = read_jsonl(samples / "questions.jsonl")
@@ -250,7 +250,12 @@ def test_compare_refuses_a_dense_model_as_another_stage3(chain: Path, tmp_path: 
 
 
 def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path) -> None:
-    from dynamic_llava.demo.compare import NO_LOOK_ALIKES, ORACLE_AT_BUDGET, object_patches, scene_of
+    from dynamic_llava.demo.compare import (
+        NO_LOOK_ALIKES,
+        ORACLE_AT_BUDGET,
+        object_patches,
+        scene_of,
+    )
 
     out = tmp_path / "results"
     assert cli_main(["demo", "compare", "--chain", str(chain), "--out", str(out), "--work", str(tmp_path / "work"),
@@ -310,7 +315,7 @@ def test_compare_writes_every_method_with_its_budget(chain: Path, tmp_path: Path
     assert "training seed" in (out / "table.md").read_text()
     for view in ("overall", "attribute"):
         checks = results["sanity_checks"][view]
-        assert [c["check"] for c in checks][0] == "dense >= majority + 30"
+        assert checks[0]["check"] == "dense >= majority + 30"
         assert len(checks) == 6 and all(isinstance(c["passed"], bool) for c in checks)
         assert len(results["claims"][view]) == 3 and len(results["negative_controls"][view]) == 2
         assert all(c["low"] <= c["difference"] <= c["high"]
@@ -363,7 +368,7 @@ BENCH_MICRO_BATCHES = Path(__file__).resolve().parents[1] / "scripts" / "bench_m
 def test_micro_batch_benchmark_times_each_setting_on_the_chain(chain: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     run = subprocess.run([sys.executable, str(BENCH_MICRO_BATCHES), "--chain", str(chain), "--out", str(out),
-                          "--steps", "2", "--micro-batches", "1", "4"], capture_output=True, text=True)
+                          "--steps", "2", "--micro-batches", "1", "4"], check=False, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     rows = json.loads((out / "bench_micro_batches.json").read_text())["rows"]
     assert [(r["micro_batches"], r["per_device_batch"]) for r in rows] == [(1, 16), (4, 4)]
@@ -377,6 +382,6 @@ def test_micro_batch_benchmark_times_each_setting_on_the_chain(chain: Path, tmp_
 
 def test_micro_batch_benchmark_refuses_a_folder_that_is_not_a_chain(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(BENCH_MICRO_BATCHES), "--chain", str(tmp_path), "--out",
-                          str(tmp_path / "bench")], capture_output=True, text=True)
+                          str(tmp_path / "bench")], check=False, capture_output=True, text=True)
     assert run.returncode == 2 and "not a finished chain folder" in run.stderr
     assert not (tmp_path / "bench").exists()
