@@ -77,7 +77,8 @@ class Recipe:
     stage2_steps: int | None = None  # set: stage 2 runs this many optimiser steps instead (`--stage2-steps`)
     stage2_lr: float = 1e-3
     # The trainer's schedule after the 5 % warm-up: cosine decays to 0; constant_with_warmup (`--stage2-lr-schedule`)
-    # keeps the rate up, and gave the one seed-0 stage 2 on subsets that learnt existence (docs/RESULTS.md)
+    # keeps the rate up: with subsets, seed 0's stage 2 then learnt to bind colour to shape, seeds 1 and 2 not or
+    # half in 2000 steps (docs/RESULTS.md, runs K0-K2), so it is not the default
     stage2_lr_schedule: str = "cosine"
     # Share of the training conversations without a description on which stage 2 sees only some image tokens:
     # the targets plus a random number of other patches (`data synth --token-subset-share`, `train
