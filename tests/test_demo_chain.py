@@ -27,8 +27,7 @@ from dynamic_llava.model.loading import load_pretrained_model
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "chain"
     assert cli_main(["demo", "train", "--out", str(out), "--quick", "--seed", "0", "--stage2-steps", "9",
-                    "--stage3-steps", "4", "--stage2-token-subsets", "0.5", "--describe-share", "0.25",
-                    "--stage2-lr-schedule", "constant_with_warmup"]) == 0
+                    "--stage3-steps", "4", "--describe-share", "0.25"]) == 0
     return out
 
 
@@ -40,10 +39,11 @@ def test_stages_2_and_3_run_the_steps_asked_for(chain: Path) -> None:
         assert state["log_history"][-1]["train_runtime"] > 0  # the trainer ended its run, not a stopped one
     recipe = json.loads((chain / "summary.json").read_text())["recipe"]
     assert (recipe["stage2_steps"], recipe["stage3_steps"], recipe["image_decision"]) == (9, 4, "top_k")
-    assert recipe["stage2_token_subsets"] == 0.5
+    assert recipe["stage2_token_subsets"] == 0.5  # the default
     config = json.loads((chain / "data" / "stats.json").read_text())["config"]
     assert (config["describe_share"], config["token_subset_share"]) == (0.25, 0.5)  # the flags reach the data
-    for stage, schedule in (("stage2", "constant_with_warmup"), ("stage3", "cosine")):  # stage 3 keeps its own
+    # stage 2's default schedule; stage 3 keeps its own
+    for stage, schedule in (("stage2", "constant_with_warmup"), ("stage3", "cosine")):
         args = torch.load(chain / stage / "training_args.bin", weights_only=False)
         assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == schedule
     records = json.loads((chain / "data" / "train" / "instruct.json").read_text())
@@ -81,15 +81,18 @@ def test_precision_flag_sets_the_recipe(flag: str, bf16: bool | None) -> None:
 
 def test_the_training_mix_flags_set_the_recipe() -> None:
     default = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused"]))
-    assert (default.describe_share, default.answer_all_share) == (FULL.describe_share, FULL.answer_all_share)
+    assert (default.describe_share, default.answer_all_share, default.stage2_token_subsets) == (
+        FULL.describe_share, FULL.answer_all_share, 0.5)
+    assert default.stage2_steps == 3000
     recipe = recipe_from_args(build_parser().parse_args(["demo", "train", "--out", "unused", "--describe-share",
-                                                         "0.1", "--answer-all-share", "0"]))
-    assert (recipe.describe_share, recipe.answer_all_share) == (0.1, 0.0)
+                                                         "0.1", "--answer-all-share", "0",
+                                                         "--stage2-token-subsets", "0"]))
+    assert (recipe.describe_share, recipe.answer_all_share, recipe.stage2_token_subsets) == (0.1, 0.0, 0.0)
 
 
 @pytest.mark.parametrize(("flags", "field", "value"), [
-    ([], "stage2_lr_schedule", "cosine"),
-    (["--stage2-lr-schedule", "constant_with_warmup"], "stage2_lr_schedule", "constant_with_warmup"),
+    ([], "stage2_lr_schedule", "constant_with_warmup"),
+    (["--stage2-lr-schedule", "cosine"], "stage2_lr_schedule", "cosine"),
     ([], "image_decision", "top_k"),
     (["--image-decision", "gumbel"], "image_decision", "gumbel")])
 def test_choice_flags_set_the_recipe(flags: list[str], field: str, value: str) -> None:
