@@ -127,7 +127,8 @@ class Recipe:
 # scenes) ~2400 descriptions; half ask every question in one turn. Stage 3's length decides how much of what the
 # LLM loses adapting to the kept tokens it wins back (RESULTS: at 20 %, 300 steps 54.5 %, 600 steps 57.3 %, 900
 # steps 59.2 %; 300 steps at 4x the LLM learning rate no better than 300). 600 keeps the chain inside the
-# 60-minute bound on the Intel Xeon: 900 took it to 65.4 min with a 2000-step stage 2 (run V9).
+# 60-minute bound on the Intel Xeon in bf16: 49-51 min with this 3000-step stage 2 (runs L1, L2); 900 took it to
+# 65.4 min with a 2000-step one (run V9).
 FULL = Recipe(n_train=32000, n_test=500, stage2_epochs=1.0, stage2_steps=3000, describe_share=0.25,
               stage3_epochs=0.3)
 QUICK = Recipe(n_train=48, n_test=8, tower_hidden=32, llm_hidden=64, llm_layers=3, batch_size=8,
