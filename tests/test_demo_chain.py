@@ -41,7 +41,7 @@ def test_stages_2_and_3_run_the_steps_asked_for(chain: Path) -> None:
     assert (recipe["stage2_steps"], recipe["stage3_steps"], recipe["image_decision"]) == (9, 4, "top_k")
     assert recipe["stage2_token_subsets"] == 0.5  # the default
     config = json.loads((chain / "data" / "stats.json").read_text())["config"]
-    assert (config["describe_share"], config["token_subset_share"]) == (0.25, 0.5)  # the flags reach the data
+    assert (config["describe_share"], config["token_subset_share"]) == (0.25, 0.5)  # flag and default reach the data
     # stage 2's default schedule; stage 3 keeps its own
     for stage, schedule in (("stage2", "constant_with_warmup"), ("stage3", "cosine")):
         args = torch.load(chain / stage / "training_args.bin", weights_only=False)
